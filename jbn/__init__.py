@@ -1,0 +1,18 @@
+"""jbn: exact, explicit normalization layers for JAX (batch, layer, instance, group and RMS norm)."""
+
+from jbn._batch_norm import BatchNormState, batch_norm, batch_norm_state
+from jbn._norms import group_norm, instance_norm, layer_norm, rms_norm
+from jbn._stats import moments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormState",
+    "batch_norm",
+    "batch_norm_state",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "moments",
+    "rms_norm",
+]

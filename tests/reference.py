@@ -1,0 +1,121 @@
+"""A float64 NumPy oracle written from the formulas, independent of jbn's code."""
+
+import numpy as np
+
+
+def _axes(ndim, axes):
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def moments(x, axes, mask=None):
+    """Two-pass masked mean and biased variance in float64; (0, 0) where nothing is selected."""
+    x = _f64(x)
+    axes = _axes(x.ndim, axes)
+    selected = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+    count = selected.sum(axes)
+    safe = np.maximum(count, 1)
+    mean = np.where(selected, x, 0).sum(axes) / safe
+    deviation = np.where(selected, x - np.expand_dims(mean, axes), 0)
+    var = (deviation**2).sum(axes) / safe
+    return mean, var
+
+
+def _feature_view(value, ndim, feature_axes):
+    shape = [1] * ndim
+    for axis, size in zip(_axes(ndim, feature_axes), np.shape(value), strict=True):
+        shape[axis] = size
+    return np.reshape(_f64(value), shape)
+
+
+def affine(x, mean, var, scale, bias, epsilon, feature_axes):
+    """(x - mean) / sqrt(var + epsilon) * scale + bias, with mean and var already broadcastable to x."""
+    x = _f64(x)
+    y = (x - mean) / np.sqrt(var + epsilon)
+    if scale is not None:
+        y = y * _feature_view(scale, x.ndim, feature_axes)
+    if bias is not None:
+        y = y + _feature_view(bias, x.ndim, feature_axes)
+    return y
+
+
+def batch_norm(
+    x, mean, var, scale=None, bias=None, *, training, feature_axes=-1, momentum=0.99, epsilon=1e-5, mask=None
+):
+    """Returns (y, new_mean, new_var)."""
+    ndim = np.ndim(x)
+    feature_axes = _axes(ndim, feature_axes)
+    reduction = tuple(a for a in range(ndim) if a not in feature_axes)
+    mean, var = _f64(mean), _f64(var)
+    new_mean, new_var = mean, var
+    if training:
+        batch_mean, batch_var = moments(x, reduction, mask)
+        selected = np.ones(np.shape(x), bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), np.shape(x))
+        has_data = selected.sum(reduction) > 0
+        new_mean = np.where(has_data, momentum * mean + (1 - momentum) * batch_mean, mean)
+        new_var = np.where(has_data, momentum * var + (1 - momentum) * batch_var, var)
+        mean, var = np.where(has_data, batch_mean, mean), np.where(has_data, batch_var, var)
+    y = affine(
+        x,
+        _feature_view(mean, ndim, feature_axes),
+        _feature_view(var, ndim, feature_axes),
+        scale,
+        bias,
+        epsilon,
+        feature_axes,
+    )
+    return y, new_mean, new_var
+
+
+def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1, epsilon=1e-6, mask=None):
+    axes = _axes(np.ndim(x), reduction_axes)
+    mean, var = moments(x, axes, mask)
+    return affine(x, np.expand_dims(mean, axes), np.expand_dims(var, axes), scale, bias, epsilon, feature_axes)
+
+
+def rms_norm(x, scale=None, *, reduction_axes=-1, feature_axes=-1, epsilon=1e-6, mask=None):
+    x = _f64(x)
+    axes = _axes(x.ndim, reduction_axes)
+    selected = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+    mean_square = np.where(selected, x * x, 0).sum(axes, keepdims=True) / np.maximum(
+        selected.sum(axes, keepdims=True), 1
+    )
+    return affine(x, 0.0, mean_square, scale, None, epsilon, feature_axes)
+
+
+def instance_norm(x, scale=None, bias=None, *, feature_axes=-1, epsilon=1e-6, mask=None):
+    ndim = np.ndim(x)
+    features = _axes(ndim, feature_axes)
+    axes = tuple(a for a in range(1, ndim) if a not in features)
+    mean, var = moments(x, axes, mask)
+    return affine(x, np.expand_dims(mean, axes), np.expand_dims(var, axes), scale, bias, epsilon, feature_axes)
+
+
+def group_norm(x, scale=None, bias=None, *, num_groups, feature_axis=-1, epsilon=1e-6, mask=None):
+    """Loops over examples and groups explicitly, channels moved last."""
+    original_shape = np.shape(x)
+    x = np.moveaxis(_f64(x), feature_axis, -1)
+    selected = np.ones(x.shape, bool)
+    if mask is not None:
+        selected = np.moveaxis(np.broadcast_to(np.asarray(mask, bool), original_shape), feature_axis, -1)
+    size = x.shape[-1] // num_groups
+    y = np.empty_like(x)
+    for n in range(x.shape[0]):
+        for g in range(num_groups):
+            block = x[n, ..., g * size : (g + 1) * size]
+            chosen = selected[n, ..., g * size : (g + 1) * size]
+            count = max(chosen.sum(), 1)
+            mean = np.where(chosen, block, 0).sum() / count
+            var = (np.where(chosen, block - mean, 0) ** 2).sum() / count
+            y[n, ..., g * size : (g + 1) * size] = (block - mean) / np.sqrt(var + epsilon)
+    y = np.moveaxis(y, -1, feature_axis)
+    ndim = y.ndim
+    if scale is not None:
+        y = y * _feature_view(scale, ndim, feature_axis)
+    if bias is not None:
+        y = y + _feature_view(bias, ndim, feature_axis)
+    return y
