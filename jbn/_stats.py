@@ -45,7 +45,7 @@ class Moments(NamedTuple):
     ``(x - shift) - offset`` is exact where ``x - (shift + offset)`` would round the mean.
     """
 
-    count: jax.Array  # number of entries that counted (float), pooled across `axis_name`
+    count: jax.Array  # entries that counted (float; a scalar without mask), pooled across `axis_name`
     shift: jax.Array
     offset: jax.Array
     var: jax.Array
@@ -109,23 +109,22 @@ def masked_moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
 
-    def pooled_sums(*values):
-        sums = tuple(_masked_sum(value, axes, mask) for value in values)
+    def sums(*values):
+        return tuple(_masked_sum(value, axes, mask) for value in values)
+
+    def pooled(*values):
         if axis_name is None:
-            return sums
-        return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+            return values
+        return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
 
     count = _count(x, axes, mask)
-    if axis_name is not None:
-        count = jnp.broadcast_to(count, _reduced_shape(x.shape, axes))
-        count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
-    safe_count = jnp.maximum(count, 1)
     if not centered:
-        (sum_squares,) = pooled_sums(jnp.square(x))
+        count, sum_squares = pooled(count, *sums(jnp.square(x)))
         zeros = jnp.zeros_like(sum_squares)
-        return Moments(count, zeros, zeros, sum_squares / safe_count)
+        return Moments(count, zeros, zeros, sum_squares / jnp.maximum(count, 1))
 
-    sum_x, sum_squares = pooled_sums(x, jnp.square(x))
+    count, sum_x, sum_squares = pooled(count, *sums(x, jnp.square(x)))
+    safe_count = jnp.maximum(count, 1)
     mean = sum_x / safe_count
     var = jnp.maximum(sum_squares / safe_count - jnp.square(mean), 0)
 
@@ -137,16 +136,12 @@ def masked_moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None
         expanded = jnp.expand_dims(shift, axes)
         # Spelled `x + (-k)` and `x - k` so that XLA fuses each into its own reduction instead of first writing a
         # shared `x - k` array to memory.
-        sum_d, sum_d2 = pooled_sums(x + (-expanded), jnp.square(x - expanded))
+        sum_d, sum_d2 = pooled(*sums(x + (-expanded), jnp.square(x - expanded)))
         offset = sum_d / safe_count
         return shift, offset, jnp.maximum(sum_d2 - offset * sum_d, 0) / safe_count
 
     cancels = jnp.any(jnp.square(mean) > _CANCELLATION_LIMIT * var)
     return Moments(count, *lax.cond(cancels, refine, keep))
-
-
-def _reduced_shape(shape, axes):
-    return tuple(size for axis, size in enumerate(shape) if axis not in axes)
 
 
 def _count(x, axes, mask):
