@@ -56,6 +56,7 @@ def batch_norm(
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
+    use_fast_variance=False,
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization: ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``, returning the new state.
 
@@ -82,6 +83,8 @@ def batch_norm(
       axis_name: optional mapped axis name to pool the batch statistics over.
       axis_index_groups: optional sub-groups of `axis_name` that pool separately.
       dtype: output dtype; x's dtype when None.
+      use_fast_variance: less exact, opt-in: Flax's one-pass variance, wrong on data far from zero (see
+        ``jbn.moments``); only for reproducing runs made with Flax's default.
 
     Returns:
       ``(y, new_state)``: y has x's shape; new_state has the state's shapes and dtypes.
@@ -118,7 +121,14 @@ def batch_norm(
     new_state = state
     if training:
         reduction_axes = tuple(axis for axis in range(x.ndim) if axis not in feature_axes)
-        stats = masked_moments(x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+        stats = masked_moments(
+            x,
+            reduction_axes,
+            mask=mask,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+        )
         has_data = stats.count > 0
         new_state = BatchNormState(
             _update(state_mean, stats.mean, has_data, momentum), _update(state_var, stats.var, has_data, momentum)

@@ -20,6 +20,7 @@ def layer_norm(
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
+    use_fast_variance=False,
 ) -> jax.Array:
     """Layer normalization: ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``, statistics per example.
 
@@ -37,6 +38,8 @@ def layer_norm(
       axis_name: optional mapped axis name to pool the statistics over.
       axis_index_groups: optional sub-groups of `axis_name` that pool separately.
       dtype: output dtype; x's dtype when None.
+      use_fast_variance: less exact, opt-in: Flax's one-pass variance, wrong on data far from zero (see
+        ``jbn.moments``); only for reproducing runs made with Flax's default.
 
     Returns:
       y, shaped like x.
@@ -49,7 +52,17 @@ def layer_norm(
     x, scale, bias, feature_axes, mask = _checked(x, scale, bias, feature_axes, epsilon, mask)
     reduction_axes = _checks.axes(x.ndim, reduction_axes, "reduction_axes")
     return _normalize_over(
-        x, reduction_axes, feature_axes, scale, bias, epsilon, mask, axis_name, axis_index_groups, dtype
+        x,
+        reduction_axes,
+        feature_axes,
+        scale,
+        bias,
+        epsilon=epsilon,
+        dtype=dtype,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
     )
 
 
@@ -92,7 +105,17 @@ def rms_norm(
     x, scale, _, feature_axes, mask = _checked(x, scale, None, feature_axes, epsilon, mask)
     reduction_axes = _checks.axes(x.ndim, reduction_axes, "reduction_axes")
     return _normalize_over(
-        x, reduction_axes, feature_axes, scale, None, epsilon, mask, axis_name, axis_index_groups, dtype, centered=False
+        x,
+        reduction_axes,
+        feature_axes,
+        scale,
+        None,
+        epsilon=epsilon,
+        dtype=dtype,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        centered=False,
     )
 
 
@@ -107,6 +130,7 @@ def instance_norm(
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
+    use_fast_variance=False,
 ) -> jax.Array:
     """Instance normalization: ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` per example and channel.
 
@@ -123,6 +147,8 @@ def instance_norm(
       axis_name: optional mapped axis name to pool the statistics over.
       axis_index_groups: optional sub-groups of `axis_name` that pool separately.
       dtype: output dtype; x's dtype when None.
+      use_fast_variance: less exact, opt-in: Flax's one-pass variance, wrong on data far from zero (see
+        ``jbn.moments``); only for reproducing runs made with Flax's default.
 
     Returns:
       y, shaped like x.
@@ -137,7 +163,17 @@ def instance_norm(
     _checks.not_batch_axis(x.ndim, feature_axes, "instance_norm")
     reduction_axes = tuple(axis for axis in range(1, x.ndim) if axis not in feature_axes)
     return _normalize_over(
-        x, reduction_axes, feature_axes, scale, bias, epsilon, mask, axis_name, axis_index_groups, dtype
+        x,
+        reduction_axes,
+        feature_axes,
+        scale,
+        bias,
+        epsilon=epsilon,
+        dtype=dtype,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
     )
 
 
@@ -149,11 +185,13 @@ def group_norm(
     num_groups=32,
     group_size=None,
     feature_axes=-1,
+    reduction_axes=None,
     epsilon=1e-6,
     mask=None,
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
+    use_fast_variance=False,
 ) -> jax.Array:
     """Group normalization: ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` per example and group.
 
@@ -170,11 +208,15 @@ def group_norm(
       num_groups: number of groups, dividing C; None when `group_size` is given.
       group_size: channels per group, dividing C; None when `num_groups` is given.
       feature_axes: the one channel axis (an int, or a tuple of one), not axis 0.
+      reduction_axes: the other axes the statistics pool over besides the channels of a group; by default every
+        axis but 0 and the channel axis. Axes left out keep separate statistics, like the batch axis.
       epsilon: >= 0, added to the variance.
       mask: optional boolean array broadcastable to x (e.g. ``(N, T, 1)`` for ``(N, T, C)``).
       axis_name: optional mapped axis name to pool the statistics over.
       axis_index_groups: optional sub-groups of `axis_name` that pool separately.
       dtype: output dtype; x's dtype when None.
+      use_fast_variance: less exact, opt-in: Flax's one-pass variance, wrong on data far from zero (see
+        ``jbn.moments``); only for reproducing runs made with Flax's default.
 
     Returns:
       y, shaped like x.
@@ -186,35 +228,33 @@ def group_norm(
       [[-1.0, 1.0, -1.0, 1.0]]
     """
     x, scale, bias, feature_axes, mask = _checked(x, scale, bias, feature_axes, epsilon, mask)
-    (channel_axis,) = _checks.single_channel_axis(x.ndim, feature_axes, "group_norm")
-    groups = _checks.group_count(x.shape[channel_axis], num_groups, group_size)
-    grouped_shape = (*x.shape[:channel_axis], groups, -1, *x.shape[channel_axis + 1 :])
+    (channel,) = _checks.single_channel_axis(x.ndim, feature_axes, "group_norm")
+    groups = _checks.group_count(x.shape[channel], num_groups, group_size)
+    if reduction_axes is None:
+        reduction_axes = tuple(axis for axis in range(1, x.ndim) if axis != channel)
+    reduction_axes = _checks.axes(x.ndim, reduction_axes, "reduction_axes")
+
+    # Split the channel axis into (groups, channels per group) and normalize over the second one too.
+    def grouped(shape, split):
+        return (*shape[:channel], *split, *shape[channel + 1 :])
+
     if mask is not None:
-        split = (groups, -1) if mask.shape[channel_axis] > 1 else (1, 1)
-        mask = mask.reshape(mask.shape[:channel_axis] + split + mask.shape[channel_axis + 1 :])
-    reduction_axes = tuple(axis for axis in range(1, x.ndim + 1) if axis != channel_axis)
-    stats = masked_moments(
-        x.reshape(grouped_shape), reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
-    )
-
-    def per_channel(value):  # (N, groups) -> (N, C), broadcast against x
-        shape = [1] * x.ndim
-        shape[0], shape[channel_axis] = x.shape[0], x.shape[channel_axis]
-        return jnp.repeat(value, x.shape[channel_axis] // groups, axis=1).reshape(shape)
-
-    def broadcast(value):
-        return feature_broadcast(value, x.ndim, feature_axes)
-
-    return normalize(
-        x,
-        per_channel(stats.shift),
-        per_channel(stats.var),
-        broadcast(scale),
-        broadcast(bias),
+        mask = mask.reshape(grouped(mask.shape, (groups, -1) if mask.shape[channel] > 1 else (1, 1)))
+    grouped_axes = (*(axis + (axis > channel) for axis in reduction_axes if axis != channel), channel + 1)
+    y = _normalize_over(
+        x.reshape(grouped(x.shape, (groups, -1))),
+        grouped_axes,
+        (channel, channel + 1),
+        None if scale is None else scale.reshape(groups, -1),
+        None if bias is None else bias.reshape(groups, -1),
         epsilon=epsilon,
         dtype=dtype,
-        offset=per_channel(stats.offset),
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
     )
+    return y.reshape(x.shape)
 
 
 def _checked(x, scale, bias, feature_axes, epsilon, mask):
@@ -227,13 +267,12 @@ def _checked(x, scale, bias, feature_axes, epsilon, mask):
     return x, scale, bias, feature_axes, _checks.mask(mask, x.shape)
 
 
-def _normalize_over(
-    x, reduction_axes, feature_axes, scale, bias, epsilon, mask, axis_name, axis_index_groups, dtype, centered=True
-):
-    """Statistics over `reduction_axes` for every other position, then the affine normalization."""
-    stats = masked_moments(
-        x, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, centered=centered
-    )
+def _normalize_over(x, reduction_axes, feature_axes, scale, bias, *, epsilon, dtype, **statistics_options):
+    """Statistics over `reduction_axes` for every other position, then the affine normalization.
+
+    `statistics_options` (mask, axis_name, axis_index_groups, use_fast_variance, centered) go to masked_moments.
+    """
+    stats = masked_moments(x, reduction_axes, **statistics_options)
 
     def expanded(value):
         return jnp.expand_dims(value, reduction_axes)
@@ -241,6 +280,7 @@ def _normalize_over(
     def broadcast(value):
         return feature_broadcast(value, x.ndim, feature_axes)
 
+    centered = statistics_options.get("centered", True)
     shift, offset = (expanded(stats.shift), expanded(stats.offset)) if centered else (None, None)
     return normalize(
         x, shift, expanded(stats.var), broadcast(scale), broadcast(bias), epsilon=epsilon, dtype=dtype, offset=offset

@@ -60,7 +60,7 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None):
+def moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None, use_fast_variance=False):
     """Mean and biased variance of `x` over `axes`, exact, masked and optionally pooled across devices.
 
     ``mean = sum(x[mask]) / n``, ``var = sum((x[mask] - mean)^2) / n`` with ``n`` the number of selected
@@ -73,6 +73,8 @@ def moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None):
       mask: optional boolean array broadcastable to x; False entries are ignored (they may hold NaN).
       axis_name: optional name of a mapped axis (``jax.vmap``, ``shard_map``, ``pmap``) to pool over.
       axis_index_groups: optional groups of indices of `axis_name` that pool separately.
+      use_fast_variance: less exact, opt-in: always use the one-pass ``E[x^2] - mean^2`` (Flax's default), which
+        is wrong on data far from zero (see the module docstring); for reproducing runs made with Flax.
 
     Returns:
       ``(mean, var)``, float32 (or x's dtype if wider), shaped like x without `axes`.
@@ -95,6 +97,7 @@ def moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None):
         mask=_checks.mask(mask, x.shape),
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
     )
     return stats.mean, stats.var
 
@@ -103,7 +106,9 @@ def moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None):
 _CANCELLATION_LIMIT = 7.0
 
 
-def masked_moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None, centered=True) -> Moments:
+def masked_moments(
+    x, axes, *, mask=None, axis_name=None, axis_index_groups=None, use_fast_variance=False, centered=True
+) -> Moments:
     """moments() on checked arguments, as Moments; `centered=False` gives mean 0 and var = E[x^2]."""
     x = x.astype(compute_dtype(x.dtype))
     if mask is not None:
@@ -140,6 +145,8 @@ def masked_moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None
         offset = sum_d / safe_count
         return shift, offset, jnp.maximum(sum_d2 - offset * sum_d, 0) / safe_count
 
+    if use_fast_variance:
+        return Moments(count, *keep())
     cancels = jnp.any(jnp.square(mean) > _CANCELLATION_LIMIT * var)
     return Moments(count, *lax.cond(cancels, refine, keep))
 
