@@ -153,3 +153,34 @@ def single_channel_axis(ndim: int, feature_axes: tuple[int, ...], name: str) -> 
     if len(feature_axes) != 1:
         raise ValueError(f"{name} needs exactly one channel axis in `feature_axes`, got {feature_axes}.")
     return feature_axes
+
+
+def float32_reductions(force_float32_reductions: bool) -> None:
+    """jbn's statistics are always float32 or wider: the Flax option to reduce in half precision is refused."""
+    if not force_float32_reductions:
+        raise ValueError(
+            "`force_float32_reductions=False` is not supported: jbn always computes statistics in float32 (or "
+            "wider), which costs nothing in memory traffic; remove the argument."
+        )
+
+
+def channel_in_reduction_axes(ndim: int, reduction_axes, channel: int) -> tuple[int, ...]:
+    """Flax's GroupNorm `reduction_axes` must include the channel axis; returns the other axes."""
+    axes_ = axes(ndim, reduction_axes, "reduction_axes")
+    if channel % ndim not in axes_:
+        raise ValueError(
+            f"`reduction_axes`={reduction_axes!r} must include the channel axis {channel} (the channels of a group "
+            f"are always reduced over), for x of rank {ndim}."
+        )
+    return tuple(axis for axis in axes_ if axis != channel % ndim)
+
+
+def running_average_flag(call_value, attribute_value, layer: str):
+    """The train/eval switch of the Flax wrappers: from the call, or else from the layer; never missing."""
+    value = attribute_value if call_value is None else call_value
+    if value is None:
+        raise ValueError(
+            f"{layer} needs `use_running_average`: pass it to the constructor or to the call "
+            "(True: normalize with the running statistics; False: with the batch statistics, updating them)."
+        )
+    return value

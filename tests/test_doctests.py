@@ -4,10 +4,10 @@ import doctest
 
 import pytest
 
-from jbn import _batch_norm, _norms, _stats
+from jbn import _batch_norm, _norms, _stats, linen, nnx
 
 
-@pytest.mark.parametrize("module", [_stats, _batch_norm, _norms], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [_stats, _batch_norm, _norms, linen, nnx], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0

@@ -154,3 +154,21 @@ def test_output_dtype_can_be_chosen():
     x = data((4, 8), jnp.bfloat16)
     assert jbn.layer_norm(x, dtype=jnp.float32).dtype == jnp.float32
     assert jbn.rms_norm(x).dtype == jnp.bfloat16
+
+
+def test_group_norm_reduction_axes_keep_other_axes_separate():
+    x = data((2, 3, 4, 6), offset=1.0)
+    y = jbn.group_norm(x, num_groups=2, reduction_axes=(2,))  # statistics per (example, row, group)
+    grouped = f64(x).reshape(2, 3, 4, 2, 3)
+    mean = grouped.mean((2, 4), keepdims=True)
+    expected = ((grouped - mean) / np.sqrt(grouped.var((2, 4), keepdims=True) + 1e-6)).reshape(x.shape)
+    np.testing.assert_allclose(f64(y), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", [jbn.layer_norm, jbn.instance_norm])
+def test_use_fast_variance_is_the_one_pass_formula(norm):
+    x = data((2, 3, 64), offset=1e4)
+    fast = f64(norm(x, use_fast_variance=True))
+    exact = reference.layer_norm(f64(x)) if norm is jbn.layer_norm else reference.instance_norm(f64(x))
+    assert np.abs(fast - exact).max() > 1.0  # what Flax's default gives: the reason it is opt-in
+    assert np.abs(f64(norm(x)) - exact).max() < 1e-3

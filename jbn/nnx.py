@@ -1,0 +1,222 @@
+"""Drop-in replacements for flax.nnx's normalization layers, computed by jbn's functional core.
+
+Each class subclasses the flax.nnx class of the same name: the same constructor (``num_features`` first,
+``rngs=`` keyword), the same attributes (``scale``, ``bias`` as ``nnx.Param``, ``mean``, ``var`` as
+``nnx.BatchStat``, ``None`` when disabled), ``model.train()`` / ``model.eval()`` and ``use_running_average`` at
+call time, so ``nnx.state`` / ``nnx.update`` move weights either way. Differences, all deliberate:
+
+* ``use_fast_variance`` defaults to ``False``: jbn's exact statistics (``True``: Flax's one-pass formula, less
+  exact, for reproducing runs made with Flax's default).
+* With ``dtype`` set, eval mode normalizes with the float32 running statistics (Flax first casts them to ``dtype``).
+* Statistics across ``axis_name`` are weighted by counts; a batch whose mask selects nothing leaves the running
+  statistics unchanged; GroupNorm accepts masks that broadcast over the channels.
+"""
+
+import math
+
+import flax.nnx as nnx
+import jax
+from flax.nnx.nn.dtypes import canonicalize_dtype
+
+from jbn import _checks
+from jbn._batch_norm import BatchNormState, batch_norm
+from jbn._norms import group_norm, instance_norm, layer_norm, rms_norm
+
+
+def _value(variable):
+    return None if variable is None else variable[...]
+
+
+def _as_feature_shape(value, x, feature_axes, name):
+    """nnx keeps parameters flat, ``(num_features,)``: shape them like x's feature axes when the sizes agree.
+
+    When they do not, the value is passed on as it is and jbn's checks report the mismatch.
+    """
+    if value is None:
+        return None
+    shape = tuple(x.shape[axis] for axis in _checks.axes(x.ndim, feature_axes, name))
+    return value.reshape(shape) if value.size == math.prod(shape) else value
+
+
+class BatchNorm(nnx.BatchNorm):
+    """flax.nnx.BatchNorm computed by ``jbn.batch_norm``: ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``.
+
+    Training (``use_running_average=False``, the default, or after ``model.train()``) normalizes with the batch
+    statistics over every axis but `axis` and updates ``mean`` and ``var`` as
+    ``new = momentum * old + (1 - momentum) * batch``; eval (``model.eval()``) uses them. Arguments are
+    flax.nnx.BatchNorm's; see the module docstring for the differences.
+
+    Example:
+      >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
+      >>> layer = jbn.nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> print(layer(jnp.array([[1.0, 10.0], [3.0, 30.0]])).round(3))
+      [[-1. -1.]
+       [ 1.  1.]]
+      >>> print(layer.mean[...])
+      [0.2 2. ]
+    """
+
+    def __init__(self, num_features: int, *, use_fast_variance: bool = False, **kwargs):
+        super().__init__(num_features, use_fast_variance=use_fast_variance, **kwargs)
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
+        use_running_average = _checks.running_average_flag(
+            use_running_average, self.use_running_average, "jbn.nnx.BatchNorm"
+        )
+        x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        x = _checks.float_array(x)
+        y, state = batch_norm(
+            x,
+            BatchNormState(self.mean[...], self.var[...]),
+            _as_feature_shape(scale, x, self.axis, "axis"),
+            _as_feature_shape(bias, x, self.axis, "axis"),
+            training=not use_running_average,
+            feature_axes=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            use_fast_variance=self.use_fast_variance,
+        )
+        if not use_running_average:
+            self.mean[...] = jax.lax.stop_gradient(state.mean)
+            self.var[...] = jax.lax.stop_gradient(state.var)
+        return y
+
+
+class LayerNorm(nnx.LayerNorm):
+    """flax.nnx.LayerNorm computed by ``jbn.layer_norm``: statistics over `reduction_axes` per example.
+
+    Example:
+      >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
+      >>> print(jbn.nnx.LayerNorm(2, rngs=nnx.Rngs(0))(jnp.array([[1.0, 3.0]])).round(3))
+      [[-1.  1.]]
+    """
+
+    def __init__(self, num_features: int, *, use_fast_variance: bool = False, **kwargs):
+        super().__init__(num_features, use_fast_variance=use_fast_variance, **kwargs)
+
+    def __call__(self, x, *, mask: jax.Array | None = None):
+        x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        x = _checks.float_array(x)
+        return layer_norm(
+            x,
+            _as_feature_shape(scale, x, self.feature_axes, "feature_axes"),
+            _as_feature_shape(bias, x, self.feature_axes, "feature_axes"),
+            reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes,
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            use_fast_variance=self.use_fast_variance,
+        )
+
+
+class RMSNorm(nnx.RMSNorm):
+    """flax.nnx.RMSNorm computed by ``jbn.rms_norm``: ``y = x * rsqrt(mean(x^2) + epsilon) * scale``.
+
+    Example:
+      >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
+      >>> print(jbn.nnx.RMSNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.array([[3.0, -3.0]])).round(3))
+      [[ 1. -1.]]
+    """
+
+    def __init__(self, num_features: int, *, use_fast_variance: bool = False, **kwargs):
+        super().__init__(num_features, use_fast_variance=use_fast_variance, **kwargs)
+
+    def __call__(self, x, mask: jax.Array | None = None):
+        x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
+        x = _checks.float_array(x)
+        return rms_norm(
+            x,
+            _as_feature_shape(scale, x, self.feature_axes, "feature_axes"),
+            reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes,
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=canonicalize_dtype(x, scale, dtype=self.dtype),
+        )
+
+
+class InstanceNorm(nnx.InstanceNorm):
+    """flax.nnx.InstanceNorm computed by ``jbn.instance_norm``: statistics per example and channel.
+
+    Example:
+      >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
+      >>> layer = jbn.nnx.InstanceNorm(1, rngs=nnx.Rngs(0))
+      >>> print(layer(jnp.array([[[1.0], [3.0]]]))[..., 0].round(3))
+      [[-1.  1.]]
+    """
+
+    def __init__(self, num_features: int, *, use_fast_variance: bool = False, **kwargs):
+        super().__init__(num_features, use_fast_variance=use_fast_variance, **kwargs)
+
+    def __call__(self, x, *, mask: jax.Array | None = None):
+        x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        x = _checks.float_array(x)
+        return instance_norm(
+            x,
+            _as_feature_shape(scale, x, self.feature_axes, "feature_axes"),
+            _as_feature_shape(bias, x, self.feature_axes, "feature_axes"),
+            feature_axes=self.feature_axes,
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            use_fast_variance=self.use_fast_variance,
+        )
+
+
+class GroupNorm(nnx.GroupNorm):
+    """flax.nnx.GroupNorm computed by ``jbn.group_norm``: statistics per example and group of channels.
+
+    Channels are the last axis. Exactly one of `num_groups` and `group_size` (pass ``num_groups=None`` with
+    `group_size`); a bad combination raises jbn's error at construction.
+
+    Example:
+      >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
+      >>> layer = jbn.nnx.GroupNorm(4, num_groups=2, rngs=nnx.Rngs(0))
+      >>> print(layer(jnp.array([[1.0, 3.0, 10.0, 30.0]])).round(3))
+      [[-1.  1. -1.  1.]]
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        *,
+        use_fast_variance: bool = False,
+        **kwargs,
+    ):
+        _checks.group_count(num_features, num_groups, group_size)
+        super().__init__(num_features, num_groups, group_size, use_fast_variance=use_fast_variance, **kwargs)
+
+    def __call__(self, x, *, mask: jax.Array | None = None):
+        x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        x = _checks.float_array(x)
+        reduction_axes = None
+        if self.reduction_axes is not None:
+            reduction_axes = _checks.channel_in_reduction_axes(x.ndim, self.reduction_axes, self.feature_axis)
+        return group_norm(
+            x,
+            scale,
+            bias,
+            num_groups=self.num_groups,
+            group_size=None,
+            feature_axes=self.feature_axis,
+            reduction_axes=reduction_axes,
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            use_fast_variance=self.use_fast_variance,
+        )
