@@ -17,11 +17,11 @@ of writing NaN, and GroupNorm accepts masks that broadcast over the channels (``
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import canonicalize_dtype
 
 from jbn import _checks
 from jbn._batch_norm import BatchNormState, batch_norm
 from jbn._norms import group_norm, instance_norm, layer_norm, rms_norm
+from jbn._wrappers import core_options
 
 
 def _feature_shape(x, feature_axes, name):
@@ -68,6 +68,9 @@ class BatchNorm(nn.BatchNorm):
         var = self.variable("batch_stats", "var", lambda shape: jnp.ones(shape, jnp.float32), feature_shape)
         scale, bias = _scale_and_bias(self, feature_shape, self.use_bias)
         initializing = self.is_initializing()
+        options = core_options(self, x, mask, scale, bias)
+        if initializing:  # as in Flax: the named axis need not exist yet
+            options["axis_name"] = None
         y, state = batch_norm(
             x,
             BatchNormState(mean.value, var.value),
@@ -76,12 +79,8 @@ class BatchNorm(nn.BatchNorm):
             training=not use_running_average,
             feature_axes=self.axis,
             momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
             use_fast_variance=self.use_fast_variance,
+            **options,
         )
         if not use_running_average and not initializing:
             mean.value, var.value = state.mean, state.var
@@ -113,11 +112,7 @@ class LayerNorm(nn.LayerNorm):
             bias,
             reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
         )
 
@@ -146,16 +141,15 @@ class RMSNorm(nn.RMSNorm):
             scale,
             reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, dtype=self.dtype),
+            **core_options(self, x, mask, scale),
         )
 
 
 class InstanceNorm(nn.InstanceNorm):
     """flax.linen.InstanceNorm computed by ``jbn.instance_norm``: statistics per example and channel.
+
+    ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` with ``mean``, ``var`` over every axis but the batch
+    axis 0 and `feature_axes`.
 
     Example:
       >>> import jax, jax.numpy as jnp, jbn.linen
@@ -176,17 +170,16 @@ class InstanceNorm(nn.InstanceNorm):
             scale,
             bias,
             feature_axes=self.feature_axes,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
         )
 
 
 class GroupNorm(nn.GroupNorm):
     """flax.linen.GroupNorm computed by ``jbn.group_norm``: statistics per example and group of channels.
+
+    ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` with ``mean``, ``var`` over the non-batch axes and the
+    channels of each group.
 
     Channels are the last axis; `reduction_axes` (Flax's convention) must include it. Exactly one of
     `num_groups` and `group_size`; pass ``num_groups=None`` with `group_size`.
@@ -217,10 +210,6 @@ class GroupNorm(nn.GroupNorm):
             num_groups=self.num_groups,
             group_size=self.group_size,
             reduction_axes=reduction_axes,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
         )

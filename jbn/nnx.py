@@ -16,11 +16,11 @@ import math
 
 import flax.nnx as nnx
 import jax
-from flax.nnx.nn.dtypes import canonicalize_dtype
 
 from jbn import _checks
 from jbn._batch_norm import BatchNormState, batch_norm
 from jbn._norms import group_norm, instance_norm, layer_norm, rms_norm
+from jbn._wrappers import core_options
 
 
 def _value(variable):
@@ -73,11 +73,7 @@ class BatchNorm(nnx.BatchNorm):
             training=not use_running_average,
             feature_axes=self.axis,
             momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
         )
         if not use_running_average:
@@ -88,6 +84,8 @@ class BatchNorm(nnx.BatchNorm):
 
 class LayerNorm(nnx.LayerNorm):
     """flax.nnx.LayerNorm computed by ``jbn.layer_norm``: statistics over `reduction_axes` per example.
+
+    ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``; `scale` and `bias` vary along `feature_axes`.
 
     Example:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
@@ -107,11 +105,7 @@ class LayerNorm(nnx.LayerNorm):
             _as_feature_shape(bias, x, self.feature_axes, "feature_axes"),
             reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
         )
 
@@ -136,16 +130,15 @@ class RMSNorm(nnx.RMSNorm):
             _as_feature_shape(scale, x, self.feature_axes, "feature_axes"),
             reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, dtype=self.dtype),
+            **core_options(self, x, mask, scale),
         )
 
 
 class InstanceNorm(nnx.InstanceNorm):
     """flax.nnx.InstanceNorm computed by ``jbn.instance_norm``: statistics per example and channel.
+
+    ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` with ``mean``, ``var`` over every axis but the batch
+    axis 0 and `feature_axes`.
 
     Example:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
@@ -165,17 +158,16 @@ class InstanceNorm(nnx.InstanceNorm):
             _as_feature_shape(scale, x, self.feature_axes, "feature_axes"),
             _as_feature_shape(bias, x, self.feature_axes, "feature_axes"),
             feature_axes=self.feature_axes,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
         )
 
 
 class GroupNorm(nnx.GroupNorm):
     """flax.nnx.GroupNorm computed by ``jbn.group_norm``: statistics per example and group of channels.
+
+    ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` with ``mean``, ``var`` over the non-batch axes and the
+    channels of each group.
 
     Channels are the last axis. Exactly one of `num_groups` and `group_size` (pass ``num_groups=None`` with
     `group_size`); a bad combination raises jbn's error at construction.
@@ -213,10 +205,6 @@ class GroupNorm(nnx.GroupNorm):
             group_size=None,
             feature_axes=self.feature_axis,
             reduction_axes=reduction_axes,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=canonicalize_dtype(x, scale, bias, dtype=self.dtype),
+            **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
         )

@@ -97,7 +97,7 @@ def test_flax_default_variance_is_wrong_on_offset_data_and_jbn_is_not():
     flax_y, _ = module.apply(_init(module, x), x, mutable=["batch_stats"])
     jbn_y, _ = jbn.batch_norm(x, jbn.batch_norm_state(16), training=True)
     flax_error, jbn_error = np.abs(f64(flax_y) - ref_y).max(), np.abs(f64(jbn_y) - ref_y).max()
-    assert flax_error > 100, flax_error
+    assert flax_error > 1000, flax_error
     assert jbn_error < 1e-3, jbn_error
 
 
