@@ -22,8 +22,9 @@ Precision rules, said once here:
   The variance is clamped at 0, so it is never negative.
 * Masks: entries where ``mask`` is False are never read into a sum (``jnp.where``, not a multiplication), so they
   may hold NaN or Inf. ``n`` is the number of selected entries. An empty selection gives mean 0 and variance 0.
-* Cross-device statistics (``axis_name``): the participants sum their counts and sums with ``psum`` (and, when
-  refining, their sums about the shared shift, a second ``psum``). The result is the statistics of the
+* Cross-device statistics (``axis_name``): the participants sum their counts and sums with one ``psum``, agree
+  on the branch with a scalar ``pmax`` and, when refining, sum their sums about the shared shift with a second
+  ``psum``. The result is the statistics of the
   concatenated data, weighted by counts, so uneven or masked shards are exact (Flax averages per-device means
   instead). ``axis_index_groups`` restricts the pooling to sub-groups as in ``jax.lax.psum``.
 """
@@ -148,6 +149,10 @@ def masked_moments(
     if use_fast_variance:
         return Moments(count, *keep())
     cancels = jnp.any(jnp.square(mean) > _CANCELLATION_LIMIT * var)
+    if axis_name is not None:
+        # refine() holds a collective, so every participant must take the same branch. Nothing guarantees that the
+        # participants' pooled sums agree to the last bit; a predicate on the edge would split them: a deadlock.
+        cancels = lax.pmax(cancels, axis_name, axis_index_groups=axis_index_groups)
     return Moments(count, *lax.cond(cancels, refine, keep))
 
 
