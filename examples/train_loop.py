@@ -102,7 +102,8 @@ def fit(
     if checkpoints is not None:
         state = checkpoints.restore_latest(state)
     history = []
-    bar = tqdm(range(int(state.epoch), epochs), desc=description, disable=not progress, leave=False)
+    # disable=None: tqdm shows the bar on a terminal only, not in logs.
+    bar = tqdm(range(int(state.epoch), epochs), desc=description, disable=None if progress else True, leave=False)
     for epoch in bar:
         losses, accuracies = [], []
         for step, (x, y) in enumerate(batches(train, batch_size, seed, epoch)):
