@@ -57,6 +57,7 @@ def batch_norm(
     axis_index_groups=None,
     dtype=None,
     use_fast_variance=False,
+    skip_nonfinite_updates=False,
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization: ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``, returning the new state.
 
@@ -85,6 +86,9 @@ def batch_norm(
       dtype: output dtype; x's dtype when None.
       use_fast_variance: less exact, opt-in: Flax's one-pass variance, wrong on data far from zero (see
         ``jbn.moments``); only for reproducing runs made with Flax's default.
+      skip_nonfinite_updates: if True, a feature whose batch mean or variance is NaN or inf keeps its running
+        statistics, so one bad batch cannot poison them; the output still shows the bad values. With
+        `axis_name`, the pooled statistics decide, so every participant skips alike.
 
     Returns:
       ``(y, new_state)``: y has x's shape; new_state has the state's shapes and dtypes.
@@ -117,7 +121,7 @@ def batch_norm(
     mask = _checks.mask(mask, x.shape)
 
     compute = compute_dtype(jnp.promote_types(x.dtype, state_mean.dtype))
-    mean, var, offset = state_mean.astype(compute), state_var.astype(compute), None
+    mean, var, offset, input_scale = state_mean.astype(compute), state_var.astype(compute), None, None
     new_state = state
     if training:
         reduction_axes = tuple(axis for axis in range(x.ndim) if axis not in feature_axes)
@@ -130,13 +134,18 @@ def batch_norm(
             use_fast_variance=use_fast_variance,
         )
         has_data = stats.count > 0
+        updates = has_data
+        if skip_nonfinite_updates:
+            updates = has_data & jnp.isfinite(stats.mean) & jnp.isfinite(stats.unscaled_var)
         new_state = BatchNormState(
-            _update(state_mean, stats.mean, has_data, momentum), _update(state_var, stats.var, has_data, momentum)
+            _update(state_mean, stats.mean, updates, momentum),
+            _update(state_var, stats.unscaled_var, updates, momentum),
         )
-        # Without data, normalize with the running statistics (shift = running mean, offset 0).
+        # Without data, normalize with the running statistics (shift = running mean, offset 0, scale 1).
         mean = jnp.where(has_data, stats.shift, mean)
         offset = jnp.where(has_data, stats.offset, 0)
         var = jnp.where(has_data, stats.var, var)
+        input_scale = jnp.where(has_data, stats.scale, 1)
 
     def broadcast(value):
         return feature_broadcast(value, x.ndim, feature_axes)
@@ -150,11 +159,12 @@ def batch_norm(
         epsilon=epsilon,
         dtype=dtype,
         offset=broadcast(offset),
+        input_scale=broadcast(input_scale),
     )
     return y, new_state
 
 
-def _update(running, batch, has_data, momentum):
-    """The exponential moving average, kept in the running value's dtype; unchanged where there was no data."""
+def _update(running, batch, updates, momentum):
+    """The exponential moving average, kept in the running value's dtype; unchanged where `updates` is False."""
     updated = momentum * running + (1 - momentum) * batch
-    return jnp.where(has_data, updated, running).astype(running.dtype)
+    return jnp.where(updates, updated, running).astype(running.dtype)

@@ -81,7 +81,8 @@ def rms_norm(
     """RMS normalization: ``y = x * rsqrt(mean(x^2) + epsilon) * scale``, with no centering and no bias.
 
     ``mean(x^2)`` is taken over `reduction_axes` for every position of the other axes. Defaults match
-    ``flax.linen.RMSNorm``.
+    ``flax.linen.RMSNorm``. With ``epsilon=0``, data so small that every square underflows float32 (|x| below
+    ~1e-19, all of it) cannot be told from zeros and divide by zero; any ``epsilon > 0`` gives the right ~0.
 
     Args:
       x: floating array, e.g. ``(B, T, C)``.
@@ -283,5 +284,13 @@ def _normalize_over(x, reduction_axes, feature_axes, scale, bias, *, epsilon, dt
     centered = statistics_options.get("centered", True)
     shift, offset = (expanded(stats.shift), expanded(stats.offset)) if centered else (None, None)
     return normalize(
-        x, shift, expanded(stats.var), broadcast(scale), broadcast(bias), epsilon=epsilon, dtype=dtype, offset=offset
+        x,
+        shift,
+        expanded(stats.var),
+        broadcast(scale),
+        broadcast(bias),
+        epsilon=epsilon,
+        dtype=dtype,
+        offset=offset,
+        input_scale=expanded(stats.scale),
     )

@@ -17,9 +17,16 @@ Precision rules, said once here:
     small offset ``o = sum(d) / n``, and ``var = (sum(d^2) - o sum(d)) / n``. Normalizing subtracts ``k`` and
     then ``o`` (not a rounded ``k + o``), so data with mean 1e4 keeps float32's full relative precision.
 
-  The choice is made at run time (``lax.cond``; under ``vmap`` with per-example predicates both are computed and
-  selected). The shift is a constant under differentiation: the statistics do not depend on it.
-  The variance is clamped at 0, so it is never negative.
+  - if the squares overflow or underflow float32 (data of magnitude above ~1e19 or below ~1e-15, such as 1e30
+    or 1e-30), the data are first scaled by a power of two, ``x * s`` with ``s`` from ``max |x|`` (a third pass;
+    exact, since multiplying by a power of two does not round), and the statistics are those of ``x * s``.
+    Normalizing computes ``(x s - mean s) * rsqrt(var s^2 + epsilon s^2)``, which is the same value and never
+    overflows. The mean and variance that ``moments`` and the running statistics report are divided back; a
+    variance above float32's range (a spread above ~1.8e19) is reported as inf.
+
+  The choice is made at run time (``lax.switch``; under ``vmap`` with per-example predicates every branch is
+  computed and one selected). Shift and scale are constants under differentiation: the statistics do not depend
+  on them. The variance is clamped at 0, so it is never negative.
 * Masks: entries where ``mask`` is False are never read into a sum (``jnp.where``, not a multiplication), so they
   may hold NaN or Inf. ``n`` is the number of selected entries. An empty selection gives mean 0 and variance 0.
 * Cross-device statistics (``axis_name``): the participants sum their counts and sums with one ``psum``, agree
@@ -42,18 +49,26 @@ from jbn import _checks
 class Moments(NamedTuple):
     """Statistics over the reduced axes; each field has x's shape with those axes removed.
 
-    The mean is ``shift + offset``: `shift` is a point near the data and `offset` is small (often 0), so that
-    ``(x - shift) - offset`` is exact where ``x - (shift + offset)`` would round the mean.
+    They describe ``x * scale`` (`scale` is a power of two, 1 unless x's magnitude is extreme): its mean is
+    ``shift + offset``, with `shift` a point near the data and `offset` small (often 0), so that
+    ``(x * scale - shift) - offset`` is exact where subtracting a rounded mean would not be; `var` is its variance.
     """
 
     count: jax.Array  # entries that counted (float; a scalar without mask), pooled across `axis_name`
+    scale: jax.Array
     shift: jax.Array
     offset: jax.Array
     var: jax.Array
 
     @property
     def mean(self) -> jax.Array:
-        return self.shift + self.offset
+        """The mean of x itself."""
+        return (self.shift + self.offset) / self.scale
+
+    @property
+    def unscaled_var(self) -> jax.Array:
+        """The variance of x itself (inf when it exceeds float32's range)."""
+        return self.var / jnp.square(self.scale)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -100,11 +115,14 @@ def moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None, use_f
         axis_index_groups=axis_index_groups,
         use_fast_variance=use_fast_variance,
     )
-    return stats.mean, stats.var
+    return stats.mean, stats.unscaled_var
 
 
 # The one-pass variance E[x^2] - mean^2 is kept while mean^2 <= _CANCELLATION_LIMIT * var (see module docstring).
 _CANCELLATION_LIMIT = 7.0
+# Mean squares outside (_TINY, inf) are rescaled first: below it, squares of float32 lose bits to underflow.
+_TINY = 2.0**-100
+_KEEP, _REFINE, _RESCALE = 0, 1, 2
 
 
 def masked_moments(
@@ -115,45 +133,79 @@ def masked_moments(
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
 
-    def sums(*values):
-        return tuple(_masked_sum(value, axes, mask) for value in values)
-
-    def pooled(*values):
+    def pooled(*values, reduce=lax.psum):
         if axis_name is None:
             return values
-        return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
+        return reduce(values, axis_name, axis_index_groups=axis_index_groups)
+
+    def sums(*values):
+        return pooled(*(_masked_sum(value, axes, mask) for value in values))
 
     count = _count(x, axes, mask)
-    if not centered:
-        count, sum_squares = pooled(count, *sums(jnp.square(x)))
-        zeros = jnp.zeros_like(sum_squares)
-        return Moments(count, zeros, zeros, sum_squares / jnp.maximum(count, 1))
-
-    count, sum_x, sum_squares = pooled(count, *sums(x, jnp.square(x)))
+    if centered:
+        count, sum_x, sum_squares = pooled(count, *(_masked_sum(v, axes, mask) for v in (x, jnp.square(x))))
+    else:
+        count, sum_squares = pooled(count, _masked_sum(jnp.square(x), axes, mask))
     safe_count = jnp.maximum(count, 1)
-    mean = sum_x / safe_count
-    var = jnp.maximum(sum_squares / safe_count - jnp.square(mean), 0)
+    mean_square = sum_squares / safe_count
+    mean = sum_x / safe_count if centered else jnp.zeros_like(mean_square)
+    var = jnp.maximum(mean_square - jnp.square(mean), 0) if centered else mean_square
+    ones, zeros = jnp.ones_like(var), jnp.zeros_like(var)
+
+    def scale_of_x():
+        magnitude = jnp.abs(lax.stop_gradient(x))  # pmax has no derivative; the scale needs none
+        (largest,) = pooled(
+            jnp.max(magnitude if mask is None else jnp.where(mask, magnitude, 0), axes), reduce=lax.pmax
+        )
+        return _power_of_two_scale(largest)
 
     def keep():
-        return mean, jnp.zeros_like(mean), var
+        return ones, mean, zeros, var
 
-    def refine():
-        shift = lax.stop_gradient(mean)
+    def about(scale, shift):
+        """Exact statistics of x * scale from sums about `shift` (in scaled units)."""
+        scaled = x if scale is None else x * jnp.expand_dims(scale, axes)
+        shift = lax.stop_gradient(shift)
         expanded = jnp.expand_dims(shift, axes)
+        if not centered:
+            (sum_d2,) = sums(jnp.square(scaled))
+            return (ones if scale is None else scale), zeros, zeros, sum_d2 / safe_count
         # Spelled `x + (-k)` and `x - k` so that XLA fuses each into its own reduction instead of first writing a
         # shared `x - k` array to memory.
-        sum_d, sum_d2 = pooled(*sums(x + (-expanded), jnp.square(x - expanded)))
+        sum_d, sum_d2 = sums(scaled + (-expanded), jnp.square(scaled - expanded))
         offset = sum_d / safe_count
-        return shift, offset, jnp.maximum(sum_d2 - offset * sum_d, 0) / safe_count
+        var = jnp.maximum(sum_d2 - offset * sum_d, 0) / safe_count
+        return (ones if scale is None else scale), shift, offset, var
+
+    def refine():
+        return about(None, mean)
+
+    def rescale():
+        scale = scale_of_x()
+        return about(scale, jnp.where(jnp.isfinite(mean), mean * scale, 0))
 
     if use_fast_variance:
         return Moments(count, *keep())
-    cancels = jnp.any(jnp.square(mean) > _CANCELLATION_LIMIT * var)
+    # A mean square of exactly 0 with a nonzero mean means the squares underflowed (data near 1e-30).
+    out_of_range = ~jnp.isfinite(mean_square) | ((mean_square < _TINY) & ((mean_square > 0) | (mean != 0)))
+    branch = jnp.where(
+        jnp.any(out_of_range),
+        _RESCALE,
+        jnp.where(jnp.any(jnp.square(mean) > _CANCELLATION_LIMIT * var), _REFINE, _KEEP),
+    )
     if axis_name is not None:
-        # refine() holds a collective, so every participant must take the same branch. Nothing guarantees that the
+        # The branches hold collectives, so every participant must take the same one. Nothing guarantees that the
         # participants' pooled sums agree to the last bit; a predicate on the edge would split them: a deadlock.
-        cancels = lax.pmax(cancels, axis_name, axis_index_groups=axis_index_groups)
-    return Moments(count, *lax.cond(cancels, refine, keep))
+        # Any participant's choice is exact for all, so they take the most careful one.
+        branch = lax.pmax(branch, axis_name, axis_index_groups=axis_index_groups)
+    return Moments(count, *lax.switch(branch, (keep, refine, rescale)))
+
+
+def _power_of_two_scale(largest):
+    """2^-e with largest = f * 2^e, f in [0.5, 1): scales |x| below 1 without rounding; 1 for 0, inf or NaN."""
+    _, exponent = jnp.frexp(largest)
+    scale = jnp.ldexp(jnp.ones_like(largest), -jnp.clip(exponent, -125, 125))
+    return jnp.where(jnp.isfinite(largest) & (largest > 0), scale, 1)
 
 
 def _count(x, axes, mask):

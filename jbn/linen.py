@@ -41,12 +41,12 @@ class BatchNorm(nn.BatchNorm):
     Training (``use_running_average=False``) normalizes with the batch statistics over every axis but `axis` and
     updates ``batch_stats`` (make it mutable: ``apply(..., mutable=['batch_stats'])``) as
     ``new = momentum * old + (1 - momentum) * batch``; eval uses ``batch_stats``. As in Flax, ``init`` does not
-    update the statistics and ignores `axis_name`. Attributes are Flax's; see the module docstring for the
-    differences.
+    update the statistics and ignores `axis_name`. Attributes are Flax's, plus ``skip_nonfinite_updates``
+    (default False; see ``jbn.batch_norm``): True keeps ``batch_stats`` when a batch's statistics are NaN or inf.
 
     Example:
       >>> import jax, jax.numpy as jnp, jbn.linen
-      >>> layer = jbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
+      >>> layer = jbn.linen.BatchNorm(use_running_average=False, momentum=0.9, skip_nonfinite_updates=True)
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> variables = layer.init(jax.random.key(0), x)
       >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
@@ -55,9 +55,13 @@ class BatchNorm(nn.BatchNorm):
        [ 1.  1.]]
       >>> print(updates["batch_stats"]["mean"])
       [0.2 2. ]
+      >>> _, kept = layer.apply(variables, x.at[0, 0].set(jnp.nan), mutable=["batch_stats"])
+      >>> print(kept["batch_stats"]["mean"])  # the NaN feature keeps its statistics
+      [0. 2.]
     """
 
     use_fast_variance: bool = False
+    skip_nonfinite_updates: bool = False
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
@@ -80,6 +84,7 @@ class BatchNorm(nn.BatchNorm):
             feature_axes=self.axis,
             momentum=self.momentum,
             use_fast_variance=self.use_fast_variance,
+            skip_nonfinite_updates=self.skip_nonfinite_updates,
             **options,
         )
         if not use_running_average and not initializing:

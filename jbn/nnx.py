@@ -44,20 +44,32 @@ class BatchNorm(nnx.BatchNorm):
     Training (``use_running_average=False``, the default, or after ``model.train()``) normalizes with the batch
     statistics over every axis but `axis` and updates ``mean`` and ``var`` as
     ``new = momentum * old + (1 - momentum) * batch``; eval (``model.eval()``) uses them. Arguments are
-    flax.nnx.BatchNorm's; see the module docstring for the differences.
+    flax.nnx.BatchNorm's, plus ``skip_nonfinite_updates`` (default False; see ``jbn.batch_norm``): True keeps the
+    running statistics when a batch's statistics are NaN or inf.
 
     Example:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
-      >>> layer = jbn.nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> layer = jbn.nnx.BatchNorm(2, momentum=0.9, skip_nonfinite_updates=True, rngs=nnx.Rngs(0))
       >>> print(layer(jnp.array([[1.0, 10.0], [3.0, 30.0]])).round(3))
       [[-1. -1.]
        [ 1.  1.]]
       >>> print(layer.mean[...])
       [0.2 2. ]
+      >>> _ = layer(jnp.array([[jnp.nan, 10.0], [3.0, 30.0]]))
+      >>> print(layer.mean[...])  # the NaN feature keeps its statistics
+      [0.2 3.8]
     """
 
-    def __init__(self, num_features: int, *, use_fast_variance: bool = False, **kwargs):
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_fast_variance: bool = False,
+        skip_nonfinite_updates: bool = False,
+        **kwargs,
+    ):
         super().__init__(num_features, use_fast_variance=use_fast_variance, **kwargs)
+        self.skip_nonfinite_updates = skip_nonfinite_updates
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         use_running_average = _checks.running_average_flag(
@@ -75,6 +87,7 @@ class BatchNorm(nnx.BatchNorm):
             momentum=self.momentum,
             **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
+            skip_nonfinite_updates=self.skip_nonfinite_updates,
         )
         if not use_running_average:
             self.mean[...] = jax.lax.stop_gradient(state.mean)
