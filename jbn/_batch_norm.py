@@ -34,11 +34,7 @@ def batch_norm_state(num_features_or_shape, dtype=jnp.float32) -> BatchNormState
       >>> jbn.batch_norm_state(3)
       BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
     """
-    if isinstance(num_features_or_shape, int):
-        num_features_or_shape = (num_features_or_shape,)
-    shape = tuple(num_features_or_shape)
-    if not all(isinstance(size, int) and size > 0 for size in shape):
-        raise ValueError(f"`num_features_or_shape` must be a positive int or a tuple of them, got {shape!r}.")
+    shape = _checks.feature_shape(num_features_or_shape, "num_features_or_shape")
     return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
 
 

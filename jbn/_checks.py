@@ -14,11 +14,19 @@ import numpy as np
 Axes = int | Sequence[int]
 
 
+def as_array(value, name: str) -> jax.Array:
+    """`value` as a JAX array, or a TypeError naming the argument (not JAX's own message about a dtype)."""
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise TypeError(f"`{name}` must be an array, got {type(value).__name__}: {error}") from None
+
+
 def float_array(x, name: str = "x") -> jax.Array:
     """Returns `x` as a floating JAX array, or raises a TypeError naming `name`."""
     if not hasattr(x, "dtype") and not isinstance(x, (list, tuple, Real)):
         raise TypeError(f"`{name}` must be an array of floats, got {type(x).__name__}.")
-    x = jnp.asarray(x)
+    x = as_array(x, name)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"`{name}` must have a floating dtype (float32, bfloat16, float16, float64), got {x.dtype} "
@@ -38,12 +46,24 @@ def axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
     for axis in as_tuple:
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
             raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axes!r}.")
+        if ndim == 0:
+            raise ValueError(f"`{name}`={axes!r} names an axis, but x is a scalar (rank 0): it has none.")
         if not -ndim <= axis < ndim:
             raise ValueError(f"`{name}`={axes!r} is out of range for x of rank {ndim} (valid: {-ndim} to {ndim - 1}).")
     positive = tuple(int(axis) % ndim for axis in as_tuple)
     if len(set(positive)) != len(positive):
         raise ValueError(f"`{name}`={axes!r} repeats an axis (as non-negative axes: {positive}) for x of rank {ndim}.")
     return tuple(sorted(positive))
+
+
+def feature_shape(value, name: str) -> tuple[int, ...]:
+    """An int ``C`` as ``(C,)``, or a sequence of positive ints as a tuple."""
+    sizes = (value,) if isinstance(value, (int, np.integer)) else value
+    if not isinstance(sizes, Sequence) or not all(
+        isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size > 0 for size in sizes
+    ):
+        raise ValueError(f"`{name}` must be a positive int or a tuple of them, got {value!r}.")
+    return tuple(int(size) for size in sizes)
 
 
 def feature_param(value, name: str, x_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> jax.Array | None:
@@ -76,7 +96,7 @@ def mask(mask, x_shape: tuple[int, ...]) -> jax.Array | None:
     """Returns a boolean mask of x's rank (size-1 axes kept), checked to broadcast to `x_shape`."""
     if mask is None:
         return None
-    mask = jnp.asarray(mask)
+    mask = as_array(mask, "mask")
     if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
         raise TypeError(
             f"`mask` must be boolean (True marks the entries that count), got {mask.dtype}; "

@@ -154,9 +154,8 @@ def masked_moments(
 
     def scale_of_x():
         magnitude = jnp.abs(lax.stop_gradient(x))  # pmax has no derivative; the scale needs none
-        (largest,) = pooled(
-            jnp.max(magnitude if mask is None else jnp.where(mask, magnitude, 0), axes), reduce=lax.pmax
-        )
+        selected = magnitude if mask is None else jnp.where(mask, magnitude, 0)
+        (largest,) = pooled(jnp.max(selected, axes, initial=0), reduce=lax.pmax)
         return _power_of_two_scale(largest)
 
     def keep():

@@ -1,6 +1,17 @@
 """What jbn.linen and jbn.nnx share: the translation of a Flax layer's attributes into core keyword arguments."""
 
+import jax.numpy as jnp
 from flax.linen.dtypes import canonicalize_dtype
+
+from jbn import _checks
+
+
+def float_input(x):
+    """Integer and boolean inputs become float32, as Flax's layers compute them; other misuse is jbn's error."""
+    if isinstance(x, str):
+        return _checks.float_array(x)
+    x = _checks.as_array(x, "x")
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def core_options(layer, x, mask, *params) -> dict:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jbn import _checks
 from jbn._batch_norm import BatchNormState, batch_norm
 from jbn._norms import group_norm, instance_norm, layer_norm, rms_norm
-from jbn._wrappers import core_options
+from jbn._wrappers import core_options, float_input
 
 
 def _feature_shape(x, feature_axes, name):
@@ -67,6 +67,7 @@ class BatchNorm(nn.BatchNorm):
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         _checks.float32_reductions(self.force_float32_reductions)
+        x = float_input(x)
         feature_shape = _feature_shape(x, self.axis, "axis")
         mean = self.variable("batch_stats", "mean", lambda shape: jnp.zeros(shape, jnp.float32), feature_shape)
         var = self.variable("batch_stats", "var", lambda shape: jnp.ones(shape, jnp.float32), feature_shape)
@@ -110,6 +111,7 @@ class LayerNorm(nn.LayerNorm):
     @nn.compact
     def __call__(self, x, *, mask: jax.Array | None = None):
         _checks.float32_reductions(self.force_float32_reductions)
+        x = float_input(x)
         scale, bias = _scale_and_bias(self, _feature_shape(x, self.feature_axes, "feature_axes"), self.use_bias)
         return layer_norm(
             x,
@@ -140,6 +142,7 @@ class RMSNorm(nn.RMSNorm):
     @nn.compact
     def __call__(self, x, *, mask: jax.Array | None = None):
         _checks.float32_reductions(self.force_float32_reductions)
+        x = float_input(x)
         scale, _ = _scale_and_bias(self, _feature_shape(x, self.feature_axes, "feature_axes"), use_bias=False)
         return rms_norm(
             x,
@@ -169,6 +172,7 @@ class InstanceNorm(nn.InstanceNorm):
     @nn.compact
     def __call__(self, x, *, mask: jax.Array | None = None):
         _checks.float32_reductions(self.force_float32_reductions)
+        x = float_input(x)
         scale, bias = _scale_and_bias(self, _feature_shape(x, self.feature_axes, "feature_axes"), self.use_bias)
         return instance_norm(
             x,
@@ -202,7 +206,7 @@ class GroupNorm(nn.GroupNorm):
     @nn.compact
     def __call__(self, x, *, mask: jax.Array | None = None):
         _checks.float32_reductions(self.force_float32_reductions)
-        x = _checks.float_array(x)
+        x = float_input(x)
         reduction_axes = None
         if self.reduction_axes is not None:
             reduction_axes = _checks.channel_in_reduction_axes(x.ndim, self.reduction_axes, -1)

@@ -5,12 +5,23 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 import jbn
+import jbn.linen
+import jbn.nnx
 
 X = jnp.ones((8, 3))
 IMAGES = jnp.ones((2, 4, 4, 8))
 STATE = jbn.batch_norm_state(3)
+
+
+def linen_init(layer, x, **kwargs):
+    return layer.init(jax.random.key(0), x, **kwargs)
+
+
+def nnx_call(cls, *args, x=X, **kwargs):
+    return getattr(jbn.nnx, cls)(*args, rngs=nnx.Rngs(0), **kwargs)(x)
 
 
 def bn(x=X, state=STATE, scale=None, bias=None, **kwargs):
@@ -92,6 +103,49 @@ CASES = [
     ),
     (lambda: jbn.moments(X, 3), ValueError, "`axes`=3 is out of range for x of rank 2"),
     (lambda: jbn.moments(jnp.ones(3, jnp.int32), 0), TypeError, "`x` must have a floating dtype"),
+    (lambda: jbn.moments(jnp.float32(1.0), 0), ValueError, "`axes`=0 names an axis, but x is a scalar (rank 0)"),
+    (lambda: jbn.moments(X, 0, mask="rows"), TypeError, "`mask` must be an array, got str"),
+    (lambda: jbn.batch_norm_state(2.5), ValueError, "`num_features_or_shape` must be a positive int"),
+    (lambda: jbn.batch_norm_state((3, 0)), ValueError, "`num_features_or_shape` must be a positive int"),
+    (lambda: bn(x=jnp.float32(1.0)), ValueError, "`feature_axes`=-1 names an axis, but x is a scalar"),
+    # The Flax modules raise the same errors, at init or at their first call.
+    (
+        lambda: linen_init(jbn.linen.BatchNorm(), "pixels", use_running_average=False),
+        TypeError,
+        "`x` must be an array of floats, got str",
+    ),
+    (
+        lambda: linen_init(jbn.linen.BatchNorm(axis=2), X, use_running_average=False),
+        ValueError,
+        "`axis`=2 is out of range for x of rank 2",
+    ),
+    (
+        lambda: linen_init(jbn.linen.BatchNorm(momentum=2.0), X, use_running_average=False),
+        ValueError,
+        "`momentum`=2.0 is outside [0, 1]",
+    ),
+    (
+        lambda: linen_init(jbn.linen.BatchNorm(), X, use_running_average=False, mask=jnp.ones((8, 2), bool)),
+        ValueError,
+        "`mask` of shape (8, 2) does not broadcast",
+    ),
+    (lambda: linen_init(jbn.linen.LayerNorm(epsilon=-1.0), X), ValueError, "`epsilon`=-1.0 must be >= 0"),
+    (lambda: linen_init(jbn.linen.LayerNorm(reduction_axes=3), X), ValueError, "`reduction_axes`=3 is out of range"),
+    (lambda: linen_init(jbn.linen.RMSNorm(feature_axes=(0, 0)), X), ValueError, "`feature_axes`=(0, 0) repeats"),
+    (lambda: linen_init(jbn.linen.InstanceNorm(), jnp.ones(3)), ValueError, "instance_norm needs x of rank >= 2"),
+    (lambda: linen_init(jbn.linen.GroupNorm(num_groups=5), IMAGES), ValueError, "`num_groups`=5 does not divide"),
+    (
+        lambda: linen_init(jbn.linen.GroupNorm(force_float32_reductions=False), IMAGES),
+        ValueError,
+        "`force_float32_reductions=False` is not supported",
+    ),
+    (lambda: nnx_call("BatchNorm", 4), ValueError, "`state.mean` has shape (4,), but x of shape (8, 3)"),
+    (lambda: nnx_call("BatchNorm", 3, use_running_average=None), ValueError, "needs `use_running_average`"),
+    (lambda: nnx_call("LayerNorm", 5), ValueError, "`scale` has shape (5,)"),
+    (lambda: nnx_call("RMSNorm", 3, epsilon=-0.5), ValueError, "`epsilon`=-0.5 must be >= 0"),
+    (lambda: nnx_call("InstanceNorm", 3, x=jnp.ones(3)), ValueError, "instance_norm needs x of rank >= 2"),
+    (lambda: nnx_call("GroupNorm", 8, num_groups=3, x=IMAGES), ValueError, "`num_groups`=3 does not divide the 8"),
+    (lambda: nnx_call("GroupNorm", 8, num_groups=4, group_size=2, x=IMAGES), ValueError, "Give exactly one of"),
 ]
 
 

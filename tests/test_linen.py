@@ -284,3 +284,13 @@ def test_swapping_the_import_trains_identically(make_block):
             losses[norms.__name__].append(float(loss))
     np.testing.assert_allclose(losses["jbn.linen"], losses["flax.linen"], rtol=1e-4)
     assert losses["jbn.linen"][-1] < losses["jbn.linen"][0]
+
+
+def test_integer_input_is_computed_in_float32_as_in_flax():
+    x = jnp.arange(12, dtype=jnp.int32).reshape(4, 3)
+    theirs, ours = nn.LayerNorm(use_fast_variance=False), jbn.linen.LayerNorm()
+    variables = theirs.init(jax.random.key(0), x)
+    expected = theirs.apply(variables, x)
+    got = ours.apply(variables, x)
+    assert got.dtype == expected.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
