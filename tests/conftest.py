@@ -12,5 +12,6 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # Property tests: a small profile in CI, a large one on demand (HYPOTHESIS_PROFILE=large python -m pytest ...).
 _PROFILE = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
 settings.register_profile("ci", max_examples=6, **_PROFILE)
+settings.register_profile("medium", max_examples=300, **_PROFILE)
 settings.register_profile("large", max_examples=2000, **_PROFILE)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
