@@ -27,13 +27,20 @@ NORMS = {  # name: (jbn call, reference call), statistics over every axis but th
 }
 
 
-@pytest.mark.parametrize("epsilon", [0.0, 1e-6])
-@pytest.mark.parametrize("magnitude", [1e30, 1e-30])
-@pytest.mark.parametrize("norm", NORMS)
+# rms_norm with epsilon=0 on data near 1e-30 is left out: it cannot tell underflowed squares from zeros
+# (documented in its docstring), and its default epsilon gives the right ~0.
+EXTREMES = [
+    (norm, magnitude, epsilon)
+    for norm in NORMS
+    for magnitude in (1e30, 1e-30)
+    for epsilon in (0.0, 1e-6)
+    if not (norm == "rms" and magnitude < 1 and epsilon == 0)
+]
+
+
+@pytest.mark.parametrize(("norm", "magnitude", "epsilon"), EXTREMES)
 def test_extreme_magnitudes_are_exact(norm, magnitude, epsilon):
     """Squares of 1e30 overflow float32 and squares of 1e-30 underflow: jbn rescales by a power of two first."""
-    if norm == "rms" and magnitude < 1 and epsilon == 0:
-        pytest.skip("documented: rms_norm cannot tell underflowed squares from zeros, so epsilon=0 divides by 0")
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3, 8)) * magnitude, jnp.float32)
     ours, theirs = NORMS[norm]
     y = ours(x, epsilon=epsilon)
