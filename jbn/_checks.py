@@ -4,6 +4,7 @@ All checks read static information only (shapes, dtypes, Python numbers), so the
 `jax.jit` and name the argument, what was received and what was expected.
 """
 
+import warnings
 from collections.abc import Sequence
 from numbers import Real
 
@@ -15,9 +16,16 @@ Axes = int | Sequence[int]
 
 
 def as_array(value, name: str) -> jax.Array:
-    """`value` as a JAX array, or a TypeError naming the argument (not JAX's own message about a dtype)."""
+    """`value` as a JAX array, or a TypeError naming the argument (not JAX's own message about a dtype).
+
+    A Python number or list too large for float32 is a ValueError rather than a silent inf.
+    """
     try:
-        return jnp.asarray(value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            return jnp.asarray(value)
+    except RuntimeWarning:
+        raise ValueError(f"`{name}` does not fit float32 (it would overflow to inf): {value!r}.") from None
     except (TypeError, ValueError, OverflowError) as error:
         raise TypeError(f"`{name}` must be an array, got {type(value).__name__}: {error}") from None
 

@@ -105,6 +105,7 @@ CASES = [
     (lambda: jbn.moments(jnp.ones(3, jnp.int32), 0), TypeError, "`x` must have a floating dtype"),
     (lambda: jbn.moments(jnp.float32(1.0), 0), ValueError, "`axes`=0 names an axis, but x is a scalar (rank 0)"),
     (lambda: jbn.moments(X, 0, mask="rows"), TypeError, "`mask` must be an array, got str"),
+    (lambda: jbn.layer_norm([3.5e38, 1.0]), ValueError, "`x` does not fit float32 (it would overflow to inf)"),
     (lambda: jbn.batch_norm_state(2.5), ValueError, "`num_features_or_shape` must be a positive int"),
     (lambda: jbn.batch_norm_state((3, 0)), ValueError, "`num_features_or_shape` must be a positive int"),
     (lambda: bn(x=jnp.float32(1.0)), ValueError, "`feature_axes`=-1 names an axis, but x is a scalar"),
