@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from jbn import _checks
 from jbn._normalize import feature_broadcast, normalize
-from jbn._stats import compute_dtype, masked_moments
+from jbn._standardize import Options, standardize
+from jbn._stats import compute_dtype
 
 
 class BatchNormState(NamedTuple):
@@ -117,45 +118,33 @@ def batch_norm(
     mask = _checks.mask(mask, x.shape)
 
     compute = compute_dtype(jnp.promote_types(x.dtype, state_mean.dtype))
-    mean, var, offset, input_scale = state_mean.astype(compute), state_var.astype(compute), None, None
-    new_state = state
-    if training:
-        reduction_axes = tuple(axis for axis in range(x.ndim) if axis not in feature_axes)
-        stats = masked_moments(
-            x,
-            reduction_axes,
-            mask=mask,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-        )
-        has_data = stats.count > 0
-        updates = has_data
-        if skip_nonfinite_updates:
-            updates = has_data & jnp.isfinite(stats.mean) & jnp.isfinite(stats.unscaled_var)
-        new_state = BatchNormState(
-            _update(state_mean, stats.mean, updates, momentum),
-            _update(state_var, stats.unscaled_var, updates, momentum),
-        )
-        # Without data, normalize with the running statistics (shift = running mean, offset 0, scale 1).
-        mean = jnp.where(has_data, stats.shift, mean)
-        offset = jnp.where(has_data, stats.offset, 0)
-        var = jnp.where(has_data, stats.var, var)
-        input_scale = jnp.where(has_data, stats.scale, 1)
 
     def broadcast(value):
         return feature_broadcast(value, x.ndim, feature_axes)
 
-    y = normalize(
-        x,
-        broadcast(mean),
-        broadcast(var),
-        broadcast(scale),
-        broadcast(bias),
-        epsilon=epsilon,
-        dtype=dtype,
-        offset=broadcast(offset),
-        input_scale=broadcast(input_scale),
+    scale, bias = broadcast(scale), broadcast(bias)
+    running_mean, running_var = broadcast(state_mean.astype(compute)), broadcast(state_var.astype(compute))
+    if not training:
+        return normalize(x, running_mean, running_var, scale, bias, epsilon=epsilon, dtype=dtype), state
+
+    options = Options(
+        tuple(axis for axis in range(x.ndim) if axis not in feature_axes),
+        dtype,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+    )
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, x.shape)
+    # Features without a selected entry normalize with the running statistics and keep them.
+    y, stats = standardize(options, x, scale, bias, mask, (running_mean, running_var), epsilon)
+    batch_mean, batch_var, count = (field.reshape(state_mean.shape) for field in stats)
+    updates = count > 0
+    if skip_nonfinite_updates:
+        updates = updates & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+    new_state = BatchNormState(
+        _update(state_mean, batch_mean, updates, momentum),
+        _update(state_var, batch_var, updates, momentum),
     )
     return y, new_state
 

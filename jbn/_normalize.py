@@ -16,25 +16,33 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon, dtype=None, offse
     The result is cast to `dtype`, x's dtype when None.
     """
     compute = var.dtype
-    if input_scale is not None:
-        epsilon = _scaled_epsilon(epsilon, input_scale)
-    multiplier = lax.rsqrt(var + epsilon)
-    if input_scale is not None:
-        # Undo the scale on the per-feature terms (exact: a power of two), not on every element of x.
-        multiplier = multiplier * input_scale
-        mean = None if mean is None else mean / input_scale
-        offset = None if offset is None else offset / input_scale
-    centered = x.astype(compute)
+    multiplier = standardizing_multiplier(var, epsilon=epsilon, input_scale=input_scale)
     if scale is not None:
         multiplier = multiplier * scale.astype(compute)
-    if mean is not None:
-        centered = centered - mean
-    if offset is not None:
-        centered = centered - offset
-    y = centered * multiplier
+    y = centered(x.astype(compute), mean, offset=offset, input_scale=input_scale) * multiplier
     if bias is not None:
         y = y + bias.astype(compute)
     return y.astype(x.dtype if dtype is None else dtype)
+
+
+def centered(x, mean, *, offset=None, input_scale=None) -> jax.Array:
+    """``x - mean``, in two steps ``(x - mean / s) - offset / s`` (see `normalize`); x as it is if `mean` is None."""
+    if input_scale is not None:
+        # Undo the scale on the per-feature terms (exact: a power of two), not on every element of x.
+        mean = None if mean is None else mean / input_scale
+        offset = None if offset is None else offset / input_scale
+    if mean is not None:
+        x = x - mean
+    if offset is not None:
+        x = x - offset
+    return x
+
+
+def standardizing_multiplier(var, *, epsilon, input_scale=None) -> jax.Array:
+    """``1 / sqrt(var_x + epsilon)`` where `var` is the variance of ``x * input_scale`` (see `normalize`)."""
+    if input_scale is None:
+        return lax.rsqrt(var + epsilon)
+    return lax.rsqrt(var + _scaled_epsilon(epsilon, input_scale)) * input_scale
 
 
 def _scaled_epsilon(epsilon, input_scale):

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 
 from jbn import _checks
-from jbn._normalize import feature_broadcast, normalize
-from jbn._stats import masked_moments
+from jbn._normalize import feature_broadcast
+from jbn._standardize import Options, standardize
 
 
 def layer_norm(
@@ -271,26 +271,15 @@ def _checked(x, scale, bias, feature_axes, epsilon, mask):
 def _normalize_over(x, reduction_axes, feature_axes, scale, bias, *, epsilon, dtype, **statistics_options):
     """Statistics over `reduction_axes` for every other position, then the affine normalization.
 
-    `statistics_options` (mask, axis_name, axis_index_groups, use_fast_variance, centered) go to masked_moments.
+    `statistics_options` (mask, axis_name, axis_index_groups, use_fast_variance, centered) go to `Options`.
     """
-    stats = masked_moments(x, reduction_axes, **statistics_options)
-
-    def expanded(value):
-        return jnp.expand_dims(value, reduction_axes)
+    mask = statistics_options.pop("mask")
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, x.shape)
+    options = Options(reduction_axes, dtype, **statistics_options)
 
     def broadcast(value):
         return feature_broadcast(value, x.ndim, feature_axes)
 
-    centered = statistics_options.get("centered", True)
-    shift, offset = (expanded(stats.shift), expanded(stats.offset)) if centered else (None, None)
-    return normalize(
-        x,
-        shift,
-        expanded(stats.var),
-        broadcast(scale),
-        broadcast(bias),
-        epsilon=epsilon,
-        dtype=dtype,
-        offset=offset,
-        input_scale=expanded(stats.scale),
-    )
+    y, _ = standardize(options, x, broadcast(scale), broadcast(bias), mask, None, epsilon)
+    return y

@@ -119,3 +119,26 @@ def group_norm(x, scale=None, bias=None, *, num_groups, feature_axis=-1, epsilon
     if bias is not None:
         y = y + _feature_view(bias, ndim, feature_axis)
     return y
+
+
+def normalize_vjp(x, ct, axes, scale, epsilon, groups=None):
+    """(dx, dscale, dbias) of ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` for cotangent `ct`.
+
+    The textbook closed form ``dx = (g - mean(g) - xhat mean(g xhat)) / sqrt(var + epsilon)`` with
+    ``g = ct * scale``, statistics over `axes`; scale and bias along the last axis. With `groups`, the last axis
+    is split into that many groups and the statistics are over every axis but the first and the group axis.
+    """
+    x, ct, scale = _f64(x), _f64(ct), _f64(scale)
+    shape = x.shape
+    if groups is not None:
+        x, ct, scale = (a.reshape(*a.shape[:-1], groups, -1) for a in (x, ct, scale))
+        axes = (*range(1, x.ndim - 2), x.ndim - 1)
+    mean = x.mean(axes, keepdims=True)
+    std = np.sqrt(x.var(axes, keepdims=True) + epsilon)
+    xhat = (x - mean) / std
+    g = ct * scale
+    dx = (g - g.mean(axes, keepdims=True) - xhat * (g * xhat).mean(axes, keepdims=True)) / std
+    batch_axes = tuple(range(x.ndim - (2 if groups is not None else 1)))
+    dscale = (ct * xhat).sum(batch_axes).reshape(-1)
+    dbias = ct.sum(batch_axes).reshape(-1)
+    return dx.reshape(shape), dscale, dbias

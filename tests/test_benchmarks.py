@@ -1,14 +1,40 @@
 """The benchmark scripts run (tiny shapes); their timings are never asserted."""
 
+import jax
 import numpy as np
+import pytest
 
-from benchmarks import forward, precision
+from benchmarks import peers, precision, speed
 
 
-def test_forward_benchmark_runs_quick(capsys):
-    ratios = forward.main(["--quick"])
-    assert len(ratios) == 4 and all(np.isfinite(r) and r > 0 for r in ratios.values())
-    assert "jbn/flax" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def quick_results():
+    return speed.main(["--quick", "--rows", "jbn", "flax.linen"])
+
+
+def test_speed_benchmark_runs_quick_and_prints_ratios(quick_results, capsys):
+    rows = {(r["workload"], r["mode"], r["row"]) for r in quick_results}
+    assert len(rows) == len(quick_results)
+    for workload in peers.workloads(quick=True):
+        assert (workload.name, "train", "jbn") in rows
+    for r in quick_results:
+        assert r["ms"] > 0 and np.isfinite(r["jbn_over_row"]) and r["roofline"] > 0
+        if r["mode"] == "train" and r["row"] == "jbn":
+            assert 1.0 <= r["saved_x"] < 2.0  # x itself, plus per-group statistics (large at these tiny sizes)
+
+
+@pytest.mark.parametrize("workload", peers.workloads(quick=True), ids=lambda w: w.name)
+def test_jbn_training_outputs_in_the_benchmark_equal_flax_autodiff(workload):
+    x = jax.random.normal(jax.random.key(1), workload.shape) * 2.0 + 0.5
+    ct = jax.random.normal(jax.random.key(2), workload.shape)
+    ours, theirs = peers.build_jbn(workload), peers.build_linen(workload)
+    assert theirs is not None, f"flax.linen has every quick workload, {workload.name} included"
+    y, _, dx, dparams = ours.train(x, ours.params, ours.state, ct)
+    flax_y, _, flax_dx, flax_dparams = theirs.train(x, theirs.params, theirs.state, ct)
+    np.testing.assert_allclose(y, flax_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, flax_dx, rtol=1e-4, atol=1e-4)
+    for name, value in flax_dparams["params"].items():
+        np.testing.assert_allclose(dparams[name].reshape(value.shape), value, rtol=1e-4, atol=1e-4)
 
 
 def test_precision_benchmark_shows_jbn_exact_where_flax_default_is_not():
