@@ -157,6 +157,31 @@ def print_rows(results):
         )
 
 
+def markdown(results) -> str:
+    """The results as a Markdown table: one line per workload, dtype and mode; jbn / row per peer."""
+
+    def column(r):
+        return r["row"].split(" (")[0]  # "equinox (NCHW)" goes in the equinox column
+
+    peers_seen = list(dict.fromkeys(column(r) for r in results if r["row"] != "jbn"))
+    lines = [
+        "| workload | dtype | mode | jbn ms | " + " | ".join(peers_seen) + " | jbn roofline | saved: jbn, Flax |",
+        "|---" * (len(peers_seen) + 6) + "|",
+    ]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["workload"], r["dtype"], r["mode"]), {})[column(r)] = r
+    for (workload, dtype, mode), rows in groups.items():
+        ours, flax = rows.get("jbn"), rows.get("flax.linen")
+        if ours is None:
+            continue
+        ratios = [f"{rows[p]['jbn_over_row']:.2f}" if p in rows else "" for p in peers_seen]
+        saved = f"{ours['saved_x']:.2f}x, {flax['saved_x']:.2f}x" if mode == "train" and flax else ""
+        cells = [workload, dtype, mode, f"{ours['ms']:.2f}", *ratios, f"{100 * ours['roofline']:.0f}%", saved]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 5 rounds, float32: a smoke test")
@@ -165,6 +190,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--only", nargs="+", default=None, help="norms to run (batch, layer, ...)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     args = parser.parse_args(argv)
     keep_freed_memory()
     quiet_threads()
@@ -182,6 +208,8 @@ def main(argv=None):
             print_rows(measured)
             print(flush=True)
             results += measured
+    if args.markdown:
+        print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"jax": jax.__version__, "devices": str(jax.devices()), "results": results}, f, indent=1)

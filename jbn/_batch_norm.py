@@ -30,7 +30,7 @@ def batch_norm_state(num_features_or_shape, dtype=jnp.float32) -> BatchNormState
       num_features_or_shape: an int ``C`` for shape ``(C,)``, or the feature shape as a tuple.
       dtype: dtype of the statistics; float32 unless you have a reason (half precision loses updates).
 
-    Example:
+    Examples:
       >>> import jbn
       >>> jbn.batch_norm_state(3)
       BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
@@ -94,7 +94,7 @@ def batch_norm(
       TypeError: `training` missing or not a bool, x or state of the wrong type, a non-boolean mask.
       ValueError: shapes that do not match x's feature shape, bad axes, momentum or epsilon out of range.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jbn
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> state = jbn.batch_norm_state(2)

@@ -44,7 +44,7 @@ def layer_norm(
     Returns:
       y, shaped like x.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn
       >>> jbn.layer_norm(jnp.array([[1.0, 3.0], [10.0, 30.0]])).round(3).tolist()
       [[-1.0, 1.0], [-1.0, 1.0]]
@@ -98,7 +98,7 @@ def rms_norm(
     Returns:
       y, shaped like x.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn
       >>> print(jbn.rms_norm(jnp.array([[3.0, 4.0, 0.0]]), epsilon=0.0))
       [[1.0392305 1.3856406 0.       ]]
@@ -154,7 +154,7 @@ def instance_norm(
     Returns:
       y, shaped like x.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn
       >>> x = jnp.array([[[1.0], [3.0]], [[10.0], [30.0]]])  # (N=2, L=2, C=1)
       >>> jbn.instance_norm(x)[..., 0].round(3).tolist()
@@ -222,7 +222,7 @@ def group_norm(
     Returns:
       y, shaped like x.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn
       >>> x = jnp.array([[1.0, 3.0, 10.0, 30.0]])  # (N=1, C=4), two groups of two channels
       >>> jbn.group_norm(x, num_groups=2).round(3).tolist()

@@ -36,6 +36,7 @@ Precision rules, said once here:
   instead). ``axis_index_groups`` restricts the pooling to sub-groups as in ``jax.lax.psum``.
 """
 
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -99,7 +100,7 @@ def moments(x, axes, *, mask=None, axis_name=None, axis_index_groups=None, use_f
       TypeError: x is not floating, or `mask` is not boolean.
       ValueError: `axes` out of range or repeated, or `mask` does not broadcast to x.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn
       >>> x = jnp.array([[1e4 + 1, 1e4 - 1], [1e4 + 3, 1e4 - 3]])
       >>> mean, var = jbn.moments(x, 0)
@@ -129,7 +130,18 @@ def masked_moments(
     x, axes, *, mask=None, axis_name=None, axis_index_groups=None, use_fast_variance=False, centered=True
 ) -> Moments:
     """moments() on checked arguments, as Moments; `centered=False` gives mean 0 and var = E[x^2]."""
-    x = x.astype(compute_dtype(x.dtype))
+    compute = compute_dtype(x.dtype)
+
+    uses = itertools.count()
+
+    def wide():
+        # Upcast where x is used, not once for all: XLA would write one shared float32 copy of a bfloat16 x to
+        # memory instead of fusing the upcast into each reduction. A barrier with a distinct tag per use keeps
+        # the upcasts apart (XLA merges identical barriers).
+        if x.dtype == compute:
+            return x
+        return lax.optimization_barrier((x, jnp.int32(next(uses))))[0].astype(compute)
+
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
 
@@ -141,11 +153,11 @@ def masked_moments(
     def sums(*values):
         return pooled(*(masked_sum(value, axes, mask) for value in values))
 
-    count = _count(x, axes, mask)
+    count = _count(x.shape, compute, axes, mask)
     if centered:
-        count, sum_x, sum_squares = pooled(count, *(masked_sum(v, axes, mask) for v in (x, jnp.square(x))))
+        count, sum_x, sum_squares = pooled(count, *(masked_sum(v, axes, mask) for v in (wide(), jnp.square(wide()))))
     else:
-        count, sum_squares = pooled(count, masked_sum(jnp.square(x), axes, mask))
+        count, sum_squares = pooled(count, masked_sum(jnp.square(wide()), axes, mask))
     safe_count = jnp.maximum(count, 1)
     mean_square = sum_squares / safe_count
     mean = sum_x / safe_count if centered else jnp.zeros_like(mean_square)
@@ -153,7 +165,7 @@ def masked_moments(
     ones, zeros = jnp.ones_like(var), jnp.zeros_like(var)
 
     def scale_of_x():
-        magnitude = jnp.abs(lax.stop_gradient(x))  # pmax has no derivative; the scale needs none
+        magnitude = jnp.abs(lax.stop_gradient(wide()))  # pmax has no derivative; the scale needs none
         selected = magnitude if mask is None else jnp.where(mask, magnitude, 0)
         (largest,) = pooled(jnp.max(selected, axes, initial=0), reduce=lax.pmax)
         return _power_of_two_scale(largest)
@@ -163,7 +175,7 @@ def masked_moments(
 
     def about(scale, shift):
         """Exact statistics of x * scale from sums about `shift` (in scaled units)."""
-        scaled = x if scale is None else x * jnp.expand_dims(scale, axes)
+        scaled = wide() if scale is None else wide() * jnp.expand_dims(scale, axes)
         shift = lax.stop_gradient(shift)
         expanded = jnp.expand_dims(shift, axes)
         if not centered:
@@ -207,10 +219,10 @@ def _power_of_two_scale(largest):
     return jnp.where(jnp.isfinite(largest) & (largest > 0), scale, 1)
 
 
-def _count(x, axes, mask):
+def _count(shape, dtype, axes, mask):
     if mask is None:
-        return jnp.asarray(float(np.prod([x.shape[axis] for axis in axes])), x.dtype)
-    return masked_sum(mask.astype(x.dtype), axes)
+        return jnp.asarray(float(np.prod([shape[axis] for axis in axes])), dtype)
+    return masked_sum(mask.astype(dtype), axes)
 
 
 def masked_sum(values, axes, mask=None, *, keepdims=False):

@@ -44,7 +44,7 @@ class BatchNorm(nn.BatchNorm):
     update the statistics and ignores `axis_name`. Attributes are Flax's, plus ``skip_nonfinite_updates``
     (default False; see ``jbn.batch_norm``): True keeps ``batch_stats`` when a batch's statistics are NaN or inf.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jbn.linen
       >>> layer = jbn.linen.BatchNorm(use_running_average=False, momentum=0.9, skip_nonfinite_updates=True)
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
@@ -98,7 +98,7 @@ class LayerNorm(nn.LayerNorm):
 
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``; `scale` and `bias` vary along `feature_axes`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jbn.linen
       >>> layer = jbn.linen.LayerNorm()
       >>> x = jnp.array([[1.0, 3.0]])
@@ -129,7 +129,7 @@ class RMSNorm(nn.RMSNorm):
 
     ``use_fast_variance`` is accepted for compatibility and has no effect: RMS norm does not center.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jbn.linen
       >>> layer = jbn.linen.RMSNorm(epsilon=0.0)
       >>> x = jnp.array([[3.0, -3.0]])
@@ -159,7 +159,7 @@ class InstanceNorm(nn.InstanceNorm):
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` with ``mean``, ``var`` over every axis but the batch
     axis 0 and `feature_axes`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jbn.linen
       >>> layer = jbn.linen.InstanceNorm()
       >>> x = jnp.array([[[1.0], [3.0]]])  # (N=1, L=2, C=1)
@@ -193,7 +193,7 @@ class GroupNorm(nn.GroupNorm):
     Channels are the last axis; `reduction_axes` (Flax's convention) must include it. Exactly one of
     `num_groups` and `group_size`; pass ``num_groups=None`` with `group_size`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jbn.linen
       >>> layer = jbn.linen.GroupNorm(num_groups=2)
       >>> x = jnp.array([[1.0, 3.0, 10.0, 30.0]])

@@ -47,7 +47,7 @@ class BatchNorm(nnx.BatchNorm):
     flax.nnx.BatchNorm's, plus ``skip_nonfinite_updates`` (default False; see ``jbn.batch_norm``): True keeps the
     running statistics when a batch's statistics are NaN or inf.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
       >>> layer = jbn.nnx.BatchNorm(2, momentum=0.9, skip_nonfinite_updates=True, rngs=nnx.Rngs(0))
       >>> print(layer(jnp.array([[1.0, 10.0], [3.0, 30.0]])).round(3))
@@ -100,7 +100,7 @@ class LayerNorm(nnx.LayerNorm):
 
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``; `scale` and `bias` vary along `feature_axes`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
       >>> print(jbn.nnx.LayerNorm(2, rngs=nnx.Rngs(0))(jnp.array([[1.0, 3.0]])).round(3))
       [[-1.  1.]]
@@ -126,7 +126,7 @@ class LayerNorm(nnx.LayerNorm):
 class RMSNorm(nnx.RMSNorm):
     """flax.nnx.RMSNorm computed by ``jbn.rms_norm``: ``y = x * rsqrt(mean(x^2) + epsilon) * scale``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
       >>> print(jbn.nnx.RMSNorm(2, epsilon=0.0, rngs=nnx.Rngs(0))(jnp.array([[3.0, -3.0]])).round(3))
       [[ 1. -1.]]
@@ -153,7 +153,7 @@ class InstanceNorm(nnx.InstanceNorm):
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` with ``mean``, ``var`` over every axis but the batch
     axis 0 and `feature_axes`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
       >>> layer = jbn.nnx.InstanceNorm(1, rngs=nnx.Rngs(0))
       >>> print(layer(jnp.array([[[1.0], [3.0]]]))[..., 0].round(3))
@@ -185,7 +185,7 @@ class GroupNorm(nnx.GroupNorm):
     Channels are the last axis. Exactly one of `num_groups` and `group_size` (pass ``num_groups=None`` with
     `group_size`); a bad combination raises jbn's error at construction.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
       >>> layer = jbn.nnx.GroupNorm(4, num_groups=2, rngs=nnx.Rngs(0))
       >>> print(layer(jnp.array([[1.0, 3.0, 10.0, 30.0]])).round(3))
