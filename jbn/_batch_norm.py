@@ -107,6 +107,40 @@ def batch_norm(
       >>> same is state
       True
     """
+    checked = check_arguments(x, state, scale, bias, training, feature_axes, momentum, epsilon, mask)
+    if not checked.training:
+        return evaluate(checked, epsilon, dtype), state
+    y, _, new_state = train(
+        checked,
+        checked.scale,
+        checked.bias,
+        momentum=momentum,
+        epsilon=epsilon,
+        dtype=dtype,
+        skip_nonfinite_updates=skip_nonfinite_updates,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+    )
+    return y, new_state
+
+
+class Checked(NamedTuple):
+    """Batch norm's arguments after the checks: scale, bias and the running statistics broadcast to x's rank."""
+
+    x: jax.Array
+    training: bool
+    feature_axes: tuple[int, ...]
+    state: BatchNormState
+    scale: jax.Array | None
+    bias: jax.Array | None
+    running_mean: jax.Array  # in the compute dtype
+    running_var: jax.Array
+    mask: jax.Array | None
+
+
+def check_arguments(x, state, scale, bias, training, feature_axes, momentum, epsilon, mask) -> Checked:
+    """The checks of every batch norm variant (`batch_norm`, `batch_renorm`, `ghost_batch_norm`)."""
     x = _checks.float_array(x)
     training = _checks.training(training)
     feature_axes = _checks.axes(x.ndim, feature_axes, "feature_axes")
@@ -116,40 +150,52 @@ def batch_norm(
     _checks.momentum(momentum)
     _checks.epsilon(epsilon)
     mask = _checks.mask(mask, x.shape)
-
     compute = compute_dtype(jnp.promote_types(x.dtype, state_mean.dtype))
 
     def broadcast(value):
         return feature_broadcast(value, x.ndim, feature_axes)
 
-    scale, bias = broadcast(scale), broadcast(bias)
-    running_mean, running_var = broadcast(state_mean.astype(compute)), broadcast(state_var.astype(compute))
-    if not training:
-        return normalize(x, running_mean, running_var, scale, bias, epsilon=epsilon, dtype=dtype), state
-
-    options = Options(
-        tuple(axis for axis in range(x.ndim) if axis not in feature_axes),
-        dtype,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
+    return Checked(
+        x,
+        training,
+        feature_axes,
+        BatchNormState(state_mean, state_var),
+        broadcast(scale),
+        broadcast(bias),
+        broadcast(state_mean.astype(compute)),
+        broadcast(state_var.astype(compute)),
+        None if mask is None else jnp.broadcast_to(mask, x.shape),
     )
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, x.shape)
-    # Features without a selected entry normalize with the running statistics and keep them.
-    y, stats = standardize(options, x, scale, bias, mask, (running_mean, running_var), epsilon)
-    batch_mean, batch_var, count = (field.reshape(state_mean.shape) for field in stats)
+
+
+def evaluate(checked: Checked, epsilon, dtype) -> jax.Array:
+    """Normalization with the running statistics (training=False)."""
+    c = checked
+    return normalize(c.x, c.running_mean, c.running_var, c.scale, c.bias, epsilon=epsilon, dtype=dtype)
+
+
+def train(checked: Checked, scale, bias, *, momentum, epsilon, dtype, skip_nonfinite_updates, **statistics):
+    """(y, batch statistics broadcast to x's rank, new state) with the batch statistics (training=True).
+
+    `statistics` (axis_name, axis_index_groups, use_fast_variance) go to `Options`. Features without a selected
+    entry normalize with the running statistics and keep them.
+    """
+    c = checked
+    reduction_axes = tuple(axis for axis in range(c.x.ndim) if axis not in c.feature_axes)
+    options = Options(reduction_axes, dtype, **statistics)
+    y, stats = standardize(options, c.x, scale, bias, c.mask, (c.running_mean, c.running_var), epsilon)
+    batch_mean, batch_var, count = (field.reshape(c.state.mean.shape) for field in stats)
     updates = count > 0
     if skip_nonfinite_updates:
         updates = updates & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
     new_state = BatchNormState(
-        _update(state_mean, batch_mean, updates, momentum),
-        _update(state_var, batch_var, updates, momentum),
+        moving_average(c.state.mean, batch_mean, updates, momentum),
+        moving_average(c.state.var, batch_var, updates, momentum),
     )
-    return y, new_state
+    return y, stats, new_state
 
 
-def _update(running, batch, updates, momentum):
+def moving_average(running, batch, updates, momentum):
     """The exponential moving average, kept in the running value's dtype; unchanged where `updates` is False."""
     updated = momentum * running + (1 - momentum) * batch
     return jnp.where(updates, updated, running).astype(running.dtype)

@@ -151,6 +151,32 @@ def epsilon(value) -> None:
         raise ValueError(f"`epsilon`={value!r} must be >= 0; it is added to the variance before the square root.")
 
 
+def renorm_limits(rmax, dmax) -> None:
+    """`rmax` >= 1 and `dmax` >= 0 where they are Python numbers (a schedule may pass traced values)."""
+    r, d = _static_number(rmax, "rmax"), _static_number(dmax, "dmax")
+    if r is not None and not r >= 1.0:
+        raise ValueError(f"`rmax`={rmax!r} must be >= 1: r is clipped to [1/rmax, rmax] (rmax=1 is batch norm).")
+    if d is not None and not d >= 0.0:
+        raise ValueError(f"`dmax`={dmax!r} must be >= 0: d is clipped to [-dmax, dmax] (dmax=0 is batch norm).")
+
+
+def virtual_batch_size(value, x_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> int:
+    """The number of virtual batches along axis 0; `value` must divide x's first axis, not a feature axis."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise TypeError(f"`virtual_batch_size` must be a positive int, got {value!r}.")
+    if not x_shape or 0 in feature_axes:
+        raise ValueError(
+            f"ghost batch norm splits x's first axis into virtual batches, but x of shape {x_shape} has "
+            f"feature_axes={feature_axes} including it (or no axis at all)."
+        )
+    if x_shape[0] % value:
+        raise ValueError(
+            f"`virtual_batch_size`={value} does not divide the batch: x has shape {x_shape}, and {x_shape[0]} "
+            f"examples do not split into virtual batches of {value}; pick a divisor of {x_shape[0]}."
+        )
+    return x_shape[0] // value
+
+
 def group_count(channels: int, num_groups: int | None, group_size: int | None) -> int:
     """Returns the number of groups, checking that exactly one of num_groups/group_size divides `channels`."""
     if (num_groups is None) == (group_size is None):

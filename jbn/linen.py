@@ -17,10 +17,14 @@ of writing NaN, and GroupNorm accepts masks that broadcast over the channels (``
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbn import _checks
 from jbn._batch_norm import BatchNormState, batch_norm
+from jbn._fold import fold_batch_norm
+from jbn._ghost import ghost_batch_norm
 from jbn._norms import group_norm, instance_norm, layer_norm, rms_norm
+from jbn._renorm import batch_renorm
 from jbn._wrappers import core_options, float_input
 
 
@@ -76,7 +80,8 @@ class BatchNorm(nn.BatchNorm):
         options = core_options(self, x, mask, scale, bias)
         if initializing:  # as in Flax: the named axis need not exist yet
             options["axis_name"] = None
-        y, state = batch_norm(
+        core, extra = self._core()
+        y, state = core(
             x,
             BatchNormState(mean.value, var.value),
             scale,
@@ -87,10 +92,60 @@ class BatchNorm(nn.BatchNorm):
             use_fast_variance=self.use_fast_variance,
             skip_nonfinite_updates=self.skip_nonfinite_updates,
             **options,
+            **extra,
         )
         if not use_running_average and not initializing:
             mean.value, var.value = state.mean, state.var
         return y
+
+    def _core(self):
+        """The function this layer calls and its extra keyword arguments (the variants below override it)."""
+        return batch_norm, {}
+
+
+class BatchRenorm(BatchNorm):
+    """`jbn.linen.BatchNorm` with batch renormalization in training (``jbn.batch_renorm``; Ioffe, 2017).
+
+    Same attributes and variables as BatchNorm, so a checkpoint moves between the two, plus `rmax` and `dmax`,
+    the clipping limits of the correction ``r`` and shift ``d`` (``rmax=1, dmax=0`` is batch norm).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jbn.linen
+      >>> layer = jbn.linen.BatchRenorm(use_running_average=False, rmax=1.0, dmax=0.0)
+      >>> x = jnp.array([[1.0], [3.0]])
+      >>> y, _ = layer.apply(layer.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+      >>> print(y.ravel().round(3))
+      [-1.  1.]
+    """
+
+    rmax: float = 3.0
+    dmax: float = 5.0
+
+    def _core(self):
+        return batch_renorm, {"rmax": self.rmax, "dmax": self.dmax}
+
+
+class GhostBatchNorm(BatchNorm):
+    """`jbn.linen.BatchNorm` with statistics per virtual batch in training (``jbn.ghost_batch_norm``).
+
+    Same attributes and variables as BatchNorm, plus `virtual_batch_size`, which must divide the batch (the first
+    axis of x) at every call in training; ``init`` (which updates nothing) accepts any batch size.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jbn.linen
+      >>> layer = jbn.linen.GhostBatchNorm(use_running_average=False, virtual_batch_size=2)
+      >>> x = jnp.array([[1.0], [3.0], [10.0], [30.0]])
+      >>> y, _ = layer.apply(layer.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+      >>> print(y.ravel().round(3))
+      [-1.  1. -1.  1.]
+    """
+
+    virtual_batch_size: int = 32
+
+    def _core(self):
+        if self.is_initializing():  # init may see any batch size; it does not update the statistics
+            return batch_norm, {}
+        return ghost_batch_norm, {"virtual_batch_size": self.virtual_batch_size}
 
 
 class LayerNorm(nn.LayerNorm):
@@ -222,3 +277,67 @@ class GroupNorm(nn.GroupNorm):
             **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
         )
+
+
+def fold_batch_norms(model: nn.Sequential, variables) -> tuple[nn.Sequential, dict]:
+    """An `nn.Sequential` for inference with every Dense or Conv + BatchNorm pair folded into one layer.
+
+    Each ``nn.Dense`` or ``nn.Conv`` directly followed by a batch norm over the last axis (Flax's or jbn's
+    `BatchNorm`, `BatchRenorm`, `GhostBatchNorm`) becomes one layer of the same kind with a bias, whose weights
+    are ``jbn.fold_batch_norm`` of the pair; the batch norm is dropped. Other layers are kept as they are. The
+    result computes the original model's inference output (``use_running_average=True``) with one pass over the
+    activations less per pair.
+
+    Args:
+      model: an ``nn.Sequential`` whose layers are modules or functions (``nn.relu``).
+      variables: its variables: ``{"params": ..., "batch_stats": ...}``.
+
+    Returns:
+      ``(folded_model, folded_variables)``, ready for ``folded_model.apply(folded_variables, x)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jbn.linen
+      >>> model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=True), nn.relu, nn.Dense(2)])
+      >>> x = jax.random.normal(jax.random.key(0), (3, 5))
+      >>> variables = model.init(jax.random.key(1), x)
+      >>> folded, folded_variables = jbn.linen.fold_batch_norms(model, variables)
+      >>> len(folded.layers), bool(jnp.allclose(folded.apply(folded_variables, x), model.apply(variables, x)))
+      (3, True)
+    """
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    layers, new_params, new_stats = [], {}, {}
+
+    def keep(layer, old_name):
+        name = f"layers_{len(layers)}"
+        layers.append(layer)
+        for source, target in ((params, new_params), (stats, new_stats)):
+            if old_name in source:
+                target[name] = source[old_name]
+
+    index = 0
+    while index < len(model.layers):
+        layer, name = model.layers[index], f"layers_{index}"
+        following = model.layers[index + 1] if index + 1 < len(model.layers) else None
+        if isinstance(layer, (nn.Dense, nn.Conv)) and _folds_into(following):
+            norm = f"layers_{index + 1}"
+            kernel, bias = fold_batch_norm(
+                params[name]["kernel"],
+                params[name].get("bias"),
+                BatchNormState(stats[norm]["mean"], stats[norm]["var"]),
+                params.get(norm, {}).get("scale"),
+                params.get(norm, {}).get("bias"),
+                epsilon=following.epsilon,
+            )
+            layers.append(layer.clone(parent=None, use_bias=True))
+            new_params[f"layers_{len(layers) - 1}"] = {"kernel": kernel, "bias": bias}
+            index += 2
+        else:
+            keep(layer, name)
+            index += 1
+    folded = {"params": new_params} | ({"batch_stats": new_stats} if new_stats else {})
+    return nn.Sequential(layers), folded
+
+
+def _folds_into(layer) -> bool:
+    """A batch norm over the last axis only (the output features of a Dense or Conv)."""
+    return isinstance(layer, nn.BatchNorm) and tuple(np.atleast_1d(layer.axis)) in ((-1,),)

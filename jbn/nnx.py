@@ -19,7 +19,9 @@ import jax
 
 from jbn import _checks
 from jbn._batch_norm import BatchNormState, batch_norm
+from jbn._ghost import ghost_batch_norm
 from jbn._norms import group_norm, instance_norm, layer_norm, rms_norm
+from jbn._renorm import batch_renorm
 from jbn._wrappers import core_options
 
 
@@ -77,7 +79,8 @@ class BatchNorm(nnx.BatchNorm):
         )
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         x = _checks.float_array(x)
-        y, state = batch_norm(
+        core, extra = self._core()
+        y, state = core(
             x,
             BatchNormState(self.mean[...], self.var[...]),
             _as_feature_shape(scale, x, self.axis, "axis"),
@@ -88,11 +91,59 @@ class BatchNorm(nnx.BatchNorm):
             **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
             skip_nonfinite_updates=self.skip_nonfinite_updates,
+            **extra,
         )
         if not use_running_average:
             self.mean[...] = jax.lax.stop_gradient(state.mean)
             self.var[...] = jax.lax.stop_gradient(state.var)
         return y
+
+    def _core(self):
+        """The function this layer calls and its extra keyword arguments (the variants below override it)."""
+        return batch_norm, {}
+
+
+class BatchRenorm(BatchNorm):
+    """`jbn.nnx.BatchNorm` with batch renormalization in training (``jbn.batch_renorm``; Ioffe, 2017).
+
+    Same arguments and variables as BatchNorm, plus `rmax` and `dmax`, the clipping limits of the correction
+    ``r`` and shift ``d`` (``rmax=1, dmax=0`` is batch norm); they are plain attributes, so a schedule may set
+    them between steps.
+
+    Examples:
+      >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
+      >>> layer = jbn.nnx.BatchRenorm(1, rmax=1.0, dmax=0.0, rngs=nnx.Rngs(0))
+      >>> print(layer(jnp.array([[1.0], [3.0]])).ravel().round(3))
+      [-1.  1.]
+    """
+
+    def __init__(self, num_features: int, *, rmax: float = 3.0, dmax: float = 5.0, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.rmax, self.dmax = rmax, dmax
+
+    def _core(self):
+        return batch_renorm, {"rmax": self.rmax, "dmax": self.dmax}
+
+
+class GhostBatchNorm(BatchNorm):
+    """`jbn.nnx.BatchNorm` with statistics per virtual batch in training (``jbn.ghost_batch_norm``).
+
+    Same arguments and variables as BatchNorm, plus `virtual_batch_size`, which must divide the batch (the first
+    axis of x) in training.
+
+    Examples:
+      >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
+      >>> layer = jbn.nnx.GhostBatchNorm(1, virtual_batch_size=2, rngs=nnx.Rngs(0))
+      >>> print(layer(jnp.array([[1.0], [3.0], [10.0], [30.0]])).ravel().round(3))
+      [-1.  1. -1.  1.]
+    """
+
+    def __init__(self, num_features: int, *, virtual_batch_size: int = 32, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.virtual_batch_size = virtual_batch_size
+
+    def _core(self):
+        return ghost_batch_norm, {"virtual_batch_size": self.virtual_batch_size}
 
 
 class LayerNorm(nnx.LayerNorm):

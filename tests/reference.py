@@ -1,5 +1,7 @@
 """A float64 NumPy oracle written from the formulas, independent of jbn's code."""
 
+import functools
+
 import numpy as np
 
 
@@ -142,3 +144,60 @@ def normalize_vjp(x, ct, axes, scale, epsilon, groups=None):
     dscale = (ct * xhat).sum(batch_axes).reshape(-1)
     dbias = ct.sum(batch_axes).reshape(-1)
     return dx.reshape(shape), dscale, dbias
+
+
+def batch_renorm(x, mean, var, scale, bias, *, rmax, dmax, feature_axes=-1, momentum=0.99, epsilon=1e-5):
+    """Ioffe's training-mode batch renormalization; returns (y, new_mean, new_var)."""
+    x = _f64(x)
+    features = _axes(x.ndim, feature_axes)
+    reduction = tuple(a for a in range(x.ndim) if a not in features)
+    batch_mean, batch_var = moments(x, reduction)
+    mean, var = _f64(mean), _f64(var)
+    sigma, batch_sigma = np.sqrt(var + epsilon), np.sqrt(batch_var + epsilon)
+    r = np.clip(batch_sigma / sigma, 1 / rmax, rmax)
+    d = np.clip((batch_mean - mean) / sigma, -dmax, dmax)
+    view = functools.partial(_feature_view, ndim=x.ndim, feature_axes=features)
+    xhat = (x - view(batch_mean)) / view(batch_sigma)
+    y = xhat * view(r) + view(d)
+    y = y if scale is None else y * view(scale)
+    y = y if bias is None else y + view(bias)
+    return y, momentum * mean + (1 - momentum) * batch_mean, momentum * var + (1 - momentum) * batch_var
+
+
+def ghost_batch_norm(
+    x, mean, var, scale, bias, *, virtual_batch_size, feature_axes=-1, momentum=0.99, epsilon=1e-5, mask=None
+):
+    """Batch norm on each run of `virtual_batch_size` examples; running statistics from the mean over the runs
+    with data of their statistics. Returns (y, new_mean, new_var)."""
+    x = _f64(x)
+    selected = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+    features = _axes(x.ndim, feature_axes)
+    reduction = tuple(a for a in range(x.ndim) if a not in features)
+    y = np.empty_like(x)
+    means, variances, present = [], [], []
+    for start in range(0, x.shape[0], virtual_batch_size):
+        part = slice(start, start + virtual_batch_size)
+        part_y, _, _ = batch_norm(
+            x[part],
+            mean,
+            var,
+            scale,
+            bias,
+            training=True,
+            feature_axes=features,
+            momentum=0.0,
+            epsilon=epsilon,
+            mask=selected[part],
+        )
+        y[part] = part_y
+        part_mean, part_var = moments(x[part], reduction, selected[part])
+        means.append(part_mean)
+        variances.append(part_var)
+        present.append(selected[part].sum(reduction) > 0)
+    present = np.array(present)
+    count = present.sum(0)
+    batch_mean = np.where(present, np.array(means), 0).sum(0) / np.maximum(count, 1)
+    batch_var = np.where(present, np.array(variances), 0).sum(0) / np.maximum(count, 1)
+    new_mean = np.where(count > 0, momentum * _f64(mean) + (1 - momentum) * batch_mean, mean)
+    new_var = np.where(count > 0, momentum * _f64(var) + (1 - momentum) * batch_var, var)
+    return y, new_mean, new_var

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jbn
+import jbn.convert
 import jbn.linen
 import jbn.nnx
 
@@ -29,8 +30,12 @@ def test_site_builds_strictly(tmp_path):
 
 def _public_names():
     names = [f"jbn.{name}" for name in jbn.__all__]
-    for module in (jbn.linen, jbn.nnx):
-        names += [f"{module.__name__}.{name}" for name in dir(module) if re.fullmatch(r"[A-Z]\w*Norm", name)]
+    for module in (jbn.linen, jbn.nnx):  # what the module itself defines (not what it imports)
+        names += [
+            f"{module.__name__}.{name}"
+            for name, value in vars(module).items()
+            if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+        ]
     return names
 
 
@@ -38,8 +43,8 @@ def test_every_public_name_has_an_entry_in_the_api_reference():
     reference = "".join(path.read_text() for path in (ROOT / "docs" / "api").glob("*.md"))
     entries = set(re.findall(r"^::: (\S+)$", reference, re.MULTILINE))
     names = _public_names()
-    assert len(names) == 18
-    assert entries == set(names)
+    assert len(names) == 26
+    assert entries == {*names, "jbn.convert"}  # the converters' page renders the whole module
 
 
 def test_readme_and_docs_index_state_the_supported_versions():

@@ -294,3 +294,33 @@ def test_integer_input_is_computed_in_float32_as_in_flax():
     got = ours.apply(variables, x)
     assert got.dtype == expected.dtype == jnp.float32
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+VARIANTS = [
+    ("BatchRenorm", {"rmax": 2.0, "dmax": 1.0}, jbn.batch_renorm),
+    ("GhostBatchNorm", {"virtual_batch_size": 4}, jbn.ghost_batch_norm),
+]
+
+
+@pytest.mark.parametrize(("name", "extra", "function"), VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_batch_norm_variants_call_their_function_and_share_batch_norms_variables(name, extra, function):
+    x = data((8, 3), offset=1.0)
+    layer = getattr(jbn.linen, name)(use_running_average=False, momentum=0.9, **extra)
+    variables = layer.init(jax.random.key(0), x[:3])  # init takes any batch size
+    assert isinstance(layer, jbn.linen.BatchNorm)
+    chex.assert_trees_all_equal_shapes(
+        variables, jbn.linen.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    )
+    state = jbn.BatchNormState(jnp.full(3, 2.0), jnp.full(3, 0.25))  # far from the batch: renorm's r, d clip
+    variables = {**variables, "batch_stats": {"mean": state.mean, "var": state.var}}
+    y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+    params = variables["params"]
+    expected_y, expected_state = function(
+        x, state, params["scale"], params["bias"], training=True, momentum=0.9, **extra
+    )
+    np.testing.assert_allclose(y, expected_y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], expected_state.mean, rtol=1e-6)
+    frozen = getattr(jbn.linen, name)(use_running_average=True, **extra)
+    np.testing.assert_array_equal(
+        frozen.apply(variables, x), jbn.linen.BatchNorm(use_running_average=True).apply(variables, x)
+    )

@@ -180,3 +180,30 @@ def test_offset_data_exact_where_flax_default_is_not():
     jbn_error = np.abs(np.asarray(jbn.nnx.BatchNorm(8, rngs=nnx.Rngs(0))(x), np.float64) - exact).max()
     assert flax_error > 100
     assert jbn_error < 1e-3
+
+
+VARIANTS = [
+    ("BatchRenorm", {"rmax": 2.0, "dmax": 1.0}, jbn.batch_renorm),
+    ("GhostBatchNorm", {"virtual_batch_size": 4}, jbn.ghost_batch_norm),
+]
+
+
+@pytest.mark.parametrize(("name", "extra", "function"), VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_batch_norm_variants_call_their_function_and_share_batch_norms_state(name, extra, function):
+    x = data((8, 3), offset=1.0)
+    layer = getattr(jbn.nnx, name)(3, momentum=0.9, rngs=nnx.Rngs(0), **extra)
+    plain = jbn.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    assert isinstance(layer, jbn.nnx.BatchNorm)
+    assert jax.tree.map(jnp.shape, nnx.state(layer)) == jax.tree.map(jnp.shape, nnx.state(plain))
+    state = jbn.BatchNormState(jnp.full(3, 2.0), jnp.full(3, 0.25))
+    layer.mean[...], layer.var[...] = state.mean, state.var
+    y = layer(x)
+    expected_y, expected_state = function(
+        x, state, layer.scale[...], layer.bias[...], training=True, momentum=0.9, **extra
+    )
+    np.testing.assert_allclose(y, expected_y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer.mean[...], expected_state.mean, rtol=1e-6)
+    layer.eval()
+    plain.mean[...], plain.var[...] = layer.mean[...], layer.var[...]
+    plain.eval()
+    np.testing.assert_array_equal(layer(x), plain(x))
