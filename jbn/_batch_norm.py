@@ -17,26 +17,37 @@ class BatchNormState(NamedTuple):
     Attributes:
       mean: running mean, shaped like x's feature axes (e.g. ``(C,)``), float32 by default.
       var: running biased variance, same shape and dtype as `mean`.
+      count: None, or (``batch_norm_state(..., counted=True)``) the number of batches averaged so far per
+        feature, int32 of `mean`'s shape; the ``"debiased_ema"`` and ``"cumulative"`` running averages need it.
     """
 
     mean: jax.Array
     var: jax.Array
+    count: jax.Array | None = None
 
 
-def batch_norm_state(num_features_or_shape, dtype=jnp.float32) -> BatchNormState:
+def batch_norm_state(num_features_or_shape, dtype=jnp.float32, *, counted=False) -> BatchNormState:
     """A fresh BatchNormState: mean zeros and var ones (Flax's, Keras's and PyTorch's initial values).
 
     Args:
       num_features_or_shape: an int ``C`` for shape ``(C,)``, or the feature shape as a tuple.
       dtype: dtype of the statistics; float32 unless you have a reason (half precision loses updates).
+      counted: also count the batches averaged (``count``, zeros), for ``running_average="debiased_ema"`` or
+        ``"cumulative"`` in `jbn.batch_norm`.
 
     Examples:
       >>> import jbn
       >>> jbn.batch_norm_state(3)
-      BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
+      BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=None)
+      >>> import jax.numpy as jnp
+      >>> state = jbn.batch_norm_state(1, counted=True)  # a debiased average is exact from the first batch
+      >>> _, state = jbn.batch_norm(jnp.array([[1.0], [3.0]]), state, training=True, running_average="debiased_ema")
+      >>> print(state.mean, state.var, state.count)
+      [2.] [1.] [1]
     """
     shape = _checks.feature_shape(num_features_or_shape, "num_features_or_shape")
-    return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
+    count = jnp.zeros(shape, jnp.int32) if counted else None
+    return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), count)
 
 
 def batch_norm(
@@ -55,6 +66,7 @@ def batch_norm(
     dtype=None,
     use_fast_variance=False,
     skip_nonfinite_updates=False,
+    running_average="ema",
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization: ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``, returning the new state.
 
@@ -87,6 +99,12 @@ def batch_norm(
         statistics, so one bad batch cannot poison them; the output still shows the bad values. With
         `axis_name`, the pooled statistics decide, so every participant skips alike.
 
+      running_average: how the running statistics follow the batches: ``"ema"`` (the default, Flax's and
+        Keras's: ``new = momentum * old + (1 - momentum) * batch``), ``"debiased_ema"`` (Haiku's zero-debiased
+        average: ``new = old + (batch - old) (1 - momentum) / (1 - momentum^t)`` at the t-th batch, so the first
+        batch's statistics replace the initial ones exactly) or ``"cumulative"`` (the plain mean of every batch
+        so far, ``new = old + (batch - old) / t``: PyTorch's ``momentum=None``). The last two need a state with
+        a ``count`` (``jbn.batch_norm_state(..., counted=True)``), which they advance.
     Returns:
       ``(y, new_state)``: y has x's shape; new_state has the state's shapes and dtypes.
 
@@ -107,22 +125,30 @@ def batch_norm(
       >>> same is state
       True
     """
-    checked = check_arguments(x, state, scale, bias, training, feature_axes, momentum, epsilon, mask)
+    averaging = Averaging(momentum, running_average, skip_nonfinite_updates)
+    checked = check_arguments(x, state, scale, bias, training, feature_axes, averaging, epsilon, mask)
     if not checked.training:
         return evaluate(checked, epsilon, dtype), state
     y, _, new_state = train(
         checked,
         checked.scale,
         checked.bias,
-        momentum=momentum,
+        averaging=averaging,
         epsilon=epsilon,
         dtype=dtype,
-        skip_nonfinite_updates=skip_nonfinite_updates,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         use_fast_variance=use_fast_variance,
     )
     return y, new_state
+
+
+class Averaging(NamedTuple):
+    """How a batch updates the running statistics (see `batch_norm`'s `running_average`)."""
+
+    momentum: float
+    running_average: str = "ema"
+    skip_nonfinite_updates: bool = False
 
 
 class Checked(NamedTuple):
@@ -139,7 +165,7 @@ class Checked(NamedTuple):
     mask: jax.Array | None
 
 
-def check_arguments(x, state, scale, bias, training, feature_axes, momentum, epsilon, mask) -> Checked:
+def check_arguments(x, state, scale, bias, training, feature_axes, averaging: Averaging, epsilon, mask) -> Checked:
     """The checks of every batch norm variant (`batch_norm`, `batch_renorm`, `ghost_batch_norm`)."""
     x = _checks.float_array(x)
     training = _checks.training(training)
@@ -147,7 +173,8 @@ def check_arguments(x, state, scale, bias, training, feature_axes, momentum, eps
     state_mean, state_var = _checks.state_fields(state, x.shape, feature_axes)
     scale = _checks.feature_param(scale, "scale", x.shape, feature_axes)
     bias = _checks.feature_param(bias, "bias", x.shape, feature_axes)
-    _checks.momentum(momentum)
+    _checks.momentum(averaging.momentum)
+    count = _checks.running_average(averaging.running_average, state, state_mean.shape)
     _checks.epsilon(epsilon)
     mask = _checks.mask(mask, x.shape)
     compute = compute_dtype(jnp.promote_types(x.dtype, state_mean.dtype))
@@ -159,7 +186,7 @@ def check_arguments(x, state, scale, bias, training, feature_axes, momentum, eps
         x,
         training,
         feature_axes,
-        BatchNormState(state_mean, state_var),
+        BatchNormState(state_mean, state_var, count),
         broadcast(scale),
         broadcast(bias),
         broadcast(state_mean.astype(compute)),
@@ -174,7 +201,7 @@ def evaluate(checked: Checked, epsilon, dtype) -> jax.Array:
     return normalize(c.x, c.running_mean, c.running_var, c.scale, c.bias, epsilon=epsilon, dtype=dtype)
 
 
-def train(checked: Checked, scale, bias, *, momentum, epsilon, dtype, skip_nonfinite_updates, **statistics):
+def train(checked: Checked, scale, bias, *, averaging: Averaging, epsilon, dtype, **statistics):
     """(y, batch statistics broadcast to x's rank, new state) with the batch statistics (training=True).
 
     `statistics` (axis_name, axis_index_groups, use_fast_variance) go to `Options`. Features without a selected
@@ -185,17 +212,25 @@ def train(checked: Checked, scale, bias, *, momentum, epsilon, dtype, skip_nonfi
     options = Options(reduction_axes, dtype, **statistics)
     y, stats = standardize(options, c.x, scale, bias, c.mask, (c.running_mean, c.running_var), epsilon)
     batch_mean, batch_var, count = (field.reshape(c.state.mean.shape) for field in stats)
-    updates = count > 0
-    if skip_nonfinite_updates:
+    return y, stats, updated_state(c.state, batch_mean, batch_var, count > 0, averaging)
+
+
+def updated_state(state: BatchNormState, batch_mean, batch_var, has_data, averaging: Averaging) -> BatchNormState:
+    """The running statistics after a batch, kept in their dtype; unchanged where a feature has no data."""
+    updates = has_data
+    if averaging.skip_nonfinite_updates:
         updates = updates & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
-    new_state = BatchNormState(
-        moving_average(c.state.mean, batch_mean, updates, momentum),
-        moving_average(c.state.var, batch_var, updates, momentum),
-    )
-    return y, stats, new_state
+    momentum = averaging.momentum
+    count = None if state.count is None else jnp.where(updates, state.count + 1, state.count)
 
+    def average(running, batch):
+        if averaging.running_average == "ema":
+            updated = momentum * running + (1 - momentum) * batch
+        else:
+            t = jnp.maximum(count, 1).astype(batch.dtype)
+            m = jnp.asarray(momentum, batch.dtype)  # one rounding of momentum: the first weight is exactly 1
+            weight = 1 / t if averaging.running_average == "cumulative" else (1 - m) / (1 - m**t)
+            updated = (1 - weight) * running + weight * batch  # the first batch (weight 1) replaces exactly
+        return jnp.where(updates, updated, running).astype(running.dtype)
 
-def moving_average(running, batch, updates, momentum):
-    """The exponential moving average, kept in the running value's dtype; unchanged where `updates` is False."""
-    updated = momentum * running + (1 - momentum) * batch
-    return jnp.where(updates, updated, running).astype(running.dtype)
+    return BatchNormState(average(state.mean, batch_mean), average(state.var, batch_var), count)

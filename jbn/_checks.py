@@ -151,6 +151,30 @@ def epsilon(value) -> None:
         raise ValueError(f"`epsilon`={value!r} must be >= 0; it is added to the variance before the square root.")
 
 
+RUNNING_AVERAGES = ("ema", "debiased_ema", "cumulative")
+
+
+def running_average(mode, state, feature_shape: tuple[int, ...]):
+    """Checks `running_average` and, where it needs one, the state's ``count``; returns the count (or None)."""
+    if mode not in RUNNING_AVERAGES:
+        raise ValueError(f"`running_average`={mode!r} is not one of {RUNNING_AVERAGES}.")
+    count = getattr(state, "count", None)
+    if mode != "ema" and count is None:
+        raise ValueError(
+            f"`running_average`={mode!r} counts the batches, but `state` has no count: make it with "
+            "jbn.batch_norm_state(num_features, counted=True)."
+        )
+    if count is None:
+        return None
+    count = as_array(count, "state.count")
+    if count.shape != feature_shape or not jnp.issubdtype(count.dtype, jnp.integer):
+        raise ValueError(
+            f"`state.count` has shape {count.shape} and dtype {count.dtype}; it must be integer of the "
+            f"statistics' shape {feature_shape}."
+        )
+    return count
+
+
 def renorm_limits(rmax, dmax) -> None:
     """`rmax` >= 1 and `dmax` >= 0 where they are Python numbers (a schedule may pass traced values)."""
     r, d = _static_number(rmax, "rmax"), _static_number(dmax, "dmax")

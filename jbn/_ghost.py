@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from jbn import _checks
-from jbn._batch_norm import BatchNormState, check_arguments, evaluate, moving_average
+from jbn._batch_norm import Averaging, BatchNormState, check_arguments, evaluate, updated_state
 from jbn._standardize import Options, standardize
 
 
@@ -25,6 +25,7 @@ def ghost_batch_norm(
     dtype=None,
     use_fast_variance=False,
     skip_nonfinite_updates=False,
+    running_average="ema",
 ) -> tuple[jax.Array, BatchNormState]:
     """Ghost batch norm: `jbn.batch_norm` with statistics per virtual batch of `virtual_batch_size` examples.
 
@@ -54,6 +55,7 @@ def ghost_batch_norm(
       dtype: output dtype; x's dtype when None.
       use_fast_variance: less exact, opt-in: Flax's one-pass variance.
       skip_nonfinite_updates: keep the running statistics of features whose batch statistics are not finite.
+      running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``, as in `jbn.batch_norm`.
 
     Returns:
       ``(y, new_state)``.
@@ -71,7 +73,8 @@ def ghost_batch_norm(
       >>> print(state.mean)  # 0.99 * 0 + 0.01 * mean(2, 20)
       [0.11]
     """
-    checked = check_arguments(x, state, scale, bias, training, feature_axes, momentum, epsilon, mask)
+    averaging = Averaging(momentum, running_average, skip_nonfinite_updates)
+    checked = check_arguments(x, state, scale, bias, training, feature_axes, averaging, epsilon, mask)
     if not checked.training:
         return evaluate(checked, epsilon, dtype), state
     c = checked
@@ -103,11 +106,5 @@ def ghost_batch_norm(
         return total / jnp.maximum(virtual, 1)
 
     batch_mean, batch_var = average(stats.mean), average(stats.var)
-    updates = virtual > 0
-    if skip_nonfinite_updates:
-        updates = updates & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
-    new_state = BatchNormState(
-        moving_average(c.state.mean, batch_mean, updates, momentum),
-        moving_average(c.state.var, batch_var, updates, momentum),
-    )
+    new_state = updated_state(c.state, batch_mean, batch_var, virtual > 0, averaging)
     return y.reshape(c.x.shape), new_state

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbn import _checks
-from jbn._batch_norm import BatchNormState, check_arguments, evaluate, train
+from jbn._batch_norm import Averaging, BatchNormState, check_arguments, evaluate, train
 
 
 def batch_renorm(
@@ -26,6 +26,7 @@ def batch_renorm(
     dtype=None,
     use_fast_variance=False,
     skip_nonfinite_updates=False,
+    running_average="ema",
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch renormalization: ``y = ((x - mean_B) / sigma_B * r + d) * scale + bias`` in training.
 
@@ -59,6 +60,7 @@ def batch_renorm(
       dtype: output dtype; x's dtype when None.
       use_fast_variance: less exact, opt-in: Flax's one-pass variance.
       skip_nonfinite_updates: keep the running statistics of features whose batch statistics are not finite.
+      running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``, as in `jbn.batch_norm`.
 
     Returns:
       ``(y, new_state)``.
@@ -75,7 +77,8 @@ def batch_renorm(
       [0.5, 1.5]
     """
     _checks.renorm_limits(rmax, dmax)
-    checked = check_arguments(x, state, scale, bias, training, feature_axes, momentum, epsilon, mask)
+    averaging = Averaging(momentum, running_average, skip_nonfinite_updates)
+    checked = check_arguments(x, state, scale, bias, training, feature_axes, averaging, epsilon, mask)
     if not checked.training:
         return evaluate(checked, epsilon, dtype), state
     compute = checked.running_var.dtype
@@ -83,10 +86,9 @@ def batch_renorm(
         checked,
         None,
         None,
-        momentum=momentum,
+        averaging=averaging,
         epsilon=epsilon,
         dtype=compute,
-        skip_nonfinite_updates=skip_nonfinite_updates,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         use_fast_variance=use_fast_variance,

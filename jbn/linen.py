@@ -46,7 +46,9 @@ class BatchNorm(nn.BatchNorm):
     updates ``batch_stats`` (make it mutable: ``apply(..., mutable=['batch_stats'])``) as
     ``new = momentum * old + (1 - momentum) * batch``; eval uses ``batch_stats``. As in Flax, ``init`` does not
     update the statistics and ignores `axis_name`. Attributes are Flax's, plus ``skip_nonfinite_updates``
-    (default False; see ``jbn.batch_norm``): True keeps ``batch_stats`` when a batch's statistics are NaN or inf.
+    (default False; see ``jbn.batch_norm``): True keeps ``batch_stats`` when a batch's statistics are NaN or inf,
+    and ``running_average`` (default ``"ema"``; ``"debiased_ema"`` or ``"cumulative"`` add a ``batch_stats/count``
+    variable; see ``jbn.batch_norm``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jbn.linen
@@ -66,6 +68,7 @@ class BatchNorm(nn.BatchNorm):
 
     use_fast_variance: bool = False
     skip_nonfinite_updates: bool = False
+    running_average: str = "ema"
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
@@ -75,6 +78,9 @@ class BatchNorm(nn.BatchNorm):
         feature_shape = _feature_shape(x, self.axis, "axis")
         mean = self.variable("batch_stats", "mean", lambda shape: jnp.zeros(shape, jnp.float32), feature_shape)
         var = self.variable("batch_stats", "var", lambda shape: jnp.ones(shape, jnp.float32), feature_shape)
+        count = None
+        if self.running_average != "ema":  # the other averages count the batches: one more variable
+            count = self.variable("batch_stats", "count", lambda shape: jnp.zeros(shape, jnp.int32), feature_shape)
         scale, bias = _scale_and_bias(self, feature_shape, self.use_bias)
         initializing = self.is_initializing()
         options = core_options(self, x, mask, scale, bias)
@@ -83,7 +89,7 @@ class BatchNorm(nn.BatchNorm):
         core, extra = self._core()
         y, state = core(
             x,
-            BatchNormState(mean.value, var.value),
+            BatchNormState(mean.value, var.value, None if count is None else count.value),
             scale,
             bias,
             training=not use_running_average,
@@ -91,11 +97,14 @@ class BatchNorm(nn.BatchNorm):
             momentum=self.momentum,
             use_fast_variance=self.use_fast_variance,
             skip_nonfinite_updates=self.skip_nonfinite_updates,
+            running_average=self.running_average,
             **options,
             **extra,
         )
         if not use_running_average and not initializing:
             mean.value, var.value = state.mean, state.var
+            if count is not None:
+                count.value = state.count
         return y
 
     def _core(self):

@@ -16,6 +16,7 @@ import math
 
 import flax.nnx as nnx
 import jax
+import jax.numpy as jnp
 
 from jbn import _checks
 from jbn._batch_norm import BatchNormState, batch_norm
@@ -47,7 +48,8 @@ class BatchNorm(nnx.BatchNorm):
     statistics over every axis but `axis` and updates ``mean`` and ``var`` as
     ``new = momentum * old + (1 - momentum) * batch``; eval (``model.eval()``) uses them. Arguments are
     flax.nnx.BatchNorm's, plus ``skip_nonfinite_updates`` (default False; see ``jbn.batch_norm``): True keeps the
-    running statistics when a batch's statistics are NaN or inf.
+    running statistics when a batch's statistics are NaN or inf, and ``running_average`` (default ``"ema"``;
+    ``"debiased_ema"`` or ``"cumulative"`` add a ``count`` batch statistic; see ``jbn.batch_norm``).
 
     Examples:
       >>> import jax.numpy as jnp, jbn.nnx, flax.nnx as nnx
@@ -68,10 +70,14 @@ class BatchNorm(nnx.BatchNorm):
         *,
         use_fast_variance: bool = False,
         skip_nonfinite_updates: bool = False,
+        running_average: str = "ema",
         **kwargs,
     ):
         super().__init__(num_features, use_fast_variance=use_fast_variance, **kwargs)
         self.skip_nonfinite_updates = skip_nonfinite_updates
+        self.running_average = running_average
+        # The other averages count the batches: one more variable.
+        self.count = None if running_average == "ema" else nnx.BatchStat(jnp.zeros(self.mean.shape, jnp.int32))
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         use_running_average = _checks.running_average_flag(
@@ -82,7 +88,7 @@ class BatchNorm(nnx.BatchNorm):
         core, extra = self._core()
         y, state = core(
             x,
-            BatchNormState(self.mean[...], self.var[...]),
+            BatchNormState(self.mean[...], self.var[...], _value(self.count)),
             _as_feature_shape(scale, x, self.axis, "axis"),
             _as_feature_shape(bias, x, self.axis, "axis"),
             training=not use_running_average,
@@ -91,11 +97,14 @@ class BatchNorm(nnx.BatchNorm):
             **core_options(self, x, mask, scale, bias),
             use_fast_variance=self.use_fast_variance,
             skip_nonfinite_updates=self.skip_nonfinite_updates,
+            running_average=self.running_average,
             **extra,
         )
         if not use_running_average:
             self.mean[...] = jax.lax.stop_gradient(state.mean)
             self.var[...] = jax.lax.stop_gradient(state.var)
+            if self.count is not None:
+                self.count[...] = state.count
         return y
 
     def _core(self):

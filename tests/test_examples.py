@@ -62,6 +62,7 @@ def test_inference_compares_running_and_population_statistics():
     result = inference.main(["--epochs", "1", "--max-steps", "5"])
     assert set(result["accuracies"]) == {"running", "precise"}
     assert result["precise"].mean.shape == (functional_api.HIDDEN,)
+    assert result["agreement"] < 1e-5  # pooled over batches = one pass over the whole training set
 
 
 @pytest.fixture(scope="module")
