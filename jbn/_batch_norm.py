@@ -196,9 +196,18 @@ def check_arguments(x, state, scale, bias, training, feature_axes, averaging: Av
 
 
 def evaluate(checked: Checked, epsilon, dtype) -> jax.Array:
-    """Normalization with the running statistics (training=False)."""
+    """Normalization with the running statistics (training=False).
+
+    Under differentiation (fine-tuning with frozen statistics) the backward pass keeps x itself, not the float32
+    copy of a half-precision x that autodiff would keep.
+    """
     c = checked
-    return normalize(c.x, c.running_mean, c.running_var, c.scale, c.bias, epsilon=epsilon, dtype=dtype)
+
+    @jax.checkpoint
+    def normalized(x, mean, var, scale, bias, epsilon):
+        return normalize(x, mean, var, scale, bias, epsilon=epsilon, dtype=dtype)
+
+    return normalized(c.x, c.running_mean, c.running_var, c.scale, c.bias, epsilon)
 
 
 def train(checked: Checked, scale, bias, *, averaging: Averaging, epsilon, dtype, **statistics):

@@ -213,6 +213,13 @@ def _saved_bytes(fn, *args):
     return sum({leaf.unsafe_buffer_pointer(): leaf.nbytes for leaf in jax.tree.leaves(pullback)}.values())
 
 
+def test_eval_mode_batch_norm_keeps_x_itself_for_the_backward_pass():
+    x = data((16, 32, 64), jnp.bfloat16)
+    state, scale, bias = jbn.batch_norm_state(64), jnp.ones(64), jnp.zeros(64)
+    saved = _saved_bytes(lambda x, s, b: jbn.batch_norm(x, state, s, b, training=False)[0], x, scale, bias)
+    assert saved <= x.nbytes + 8 * 64 * 4, (saved, x.nbytes)  # not the float32 copy (2x)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("norm", NORMS)
 def test_the_backward_pass_keeps_only_x_and_per_group_statistics(norm, dtype):
