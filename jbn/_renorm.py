@@ -51,16 +51,6 @@ def batch_renorm(
       training: required bool: renormalized batch statistics (True) or the running statistics (False).
       rmax: >= 1, the largest correction factor ``r`` (and ``1 / rmax`` the smallest).
       dmax: >= 0, the largest shift ``|d|``, in running standard deviations.
-      feature_axes: int or tuple, the axes of the features (as in `jbn.batch_norm`, like the arguments below).
-      momentum: weight of the old running value.
-      epsilon: >= 0, added to the variance.
-      mask: optional boolean array broadcastable to x; False entries are ignored.
-      axis_name: optional mapped axis name to pool the statistics over.
-      axis_index_groups: optional sub-groups of `axis_name` that pool separately.
-      dtype: output dtype; x's dtype when None.
-      use_fast_variance: less exact, opt-in: Flax's one-pass variance.
-      skip_nonfinite_updates: keep the running statistics of features whose batch statistics are not finite.
-      running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``, as in `jbn.batch_norm`.
 
     Returns:
       ``(y, new_state)``.
