@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jbn import _fused
 from jbn._normalize import centered, normalize, standardizing_multiplier
 from jbn._stats import Moments, masked_moments, masked_sum, reduction_stages
 
@@ -56,9 +57,16 @@ def standardize(options: Options, x, scale, bias, mask, fallback, epsilon) -> tu
 
     `scale`, `bias` (or None) broadcast to x at x's rank; `mask` is None or a boolean array of x's shape;
     `fallback` is None or ``(mean, var)`` shaped like the statistics, used where no entry was selected.
-    Returns y (``options.dtype``, x's dtype when None) and the `Statistics`.
+    Returns y (``options.dtype``, x's dtype when None) and the `Statistics`. On the CPU, the cases the fused
+    kernels take go to them (``jbn/_fused.py``); their results agree with this module's to float32 rounding.
     """
-    return _standardize(options, x, scale, bias, mask, fallback, epsilon)
+    plan = _fused.layout(x, options.axes, scale, bias, options, mask, epsilon)
+    if plan is None:
+        return _standardize(options, x, scale, bias, mask, fallback, epsilon)
+    y, mean, var = _fused.standardize(x, scale, bias, plan, epsilon=epsilon, centered=options.centered)
+    kept = tuple(1 if axis in options.axes else size for axis, size in enumerate(x.shape))
+    count = jnp.full(kept, plan.s * plan.k, jnp.float32)
+    return y, Statistics(mean.reshape(kept), var.reshape(kept), count)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

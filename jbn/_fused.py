@@ -1,0 +1,271 @@
+"""Layer, RMS, group and instance norm on the CPU through the fused kernels of ``jbn/kernels/norm.cc``.
+
+XLA:CPU spreads a normalization over several passes and writes per-row broadcasts to memory; the kernels read x
+once per statistic in cache-sized pieces and write y (forward) or dx, dscale and dbias (backward) in one more pass.
+x is viewed as ``(N, S, G, K)``: statistics per ``(n, g)`` over S and K, scale and bias per channel ``(g, k)``.
+
+Three primitives carry the math, each with a plain-JAX twin (``_reference_*``) that defines it:
+
+* ``forward``: ``(x, scale, bias) -> (y, mean, std, var)`` with ``std = sqrt(var + epsilon)``;
+* ``tangent``: the derivative, linear in ``(dx, dscale, dbias)``:
+  ``dy = scale / std (dx - <dx> - xhat <xhat dx>) + dscale xhat + dbias``;
+* ``backward``: its transpose, ``dy -> (dx, dscale, dbias)``, the kernel of reverse mode.
+
+So reverse mode runs the backward kernel on x and the per-group mean and std (nothing else is saved), forward
+mode evaluates ``tangent``, and the transpose of ``backward`` is ``tangent`` again (reverse over reverse). Higher
+derivatives with respect to x, ``vmap`` that is not over x alone, and other platforms use the twins.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jbn import _kernel
+
+_AXES = (1, 3)  # S and K of the (N, S, G, K) view
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+class Layout(NamedTuple):
+    """x as ``(n, s, g, k)``; ``channels_from``: the first axis of x that scale and bias vary along (G's)."""
+
+    n: int
+    s: int
+    g: int
+    k: int
+    channels_from: int
+
+
+def layout(x, axes, scale, bias, options, mask, epsilon) -> Layout | None:
+    """The ``(N, S, G, K)`` view of x for statistics over `axes`, or None where the fused kernels do not apply.
+
+    They apply on the CPU to float32 and bfloat16 x with y of the same dtype, a static epsilon, no mask, no
+    cross-device axis or sharding, and the exact variance, where the statistics are per example (axis 0 is kept),
+    the reduced axes are a trailing run (K) and a run before the kept group axes (S), and scale and bias vary only
+    along the axes from G on.
+    """
+    if (
+        mask is not None
+        or options.axis_name is not None
+        or options.use_fast_variance
+        or x.dtype not in _DTYPES
+        or options.dtype not in (None, x.dtype)
+        or x.size == 0
+        or not _static(epsilon)
+        or any(not jax.typeof(v).sharding.mesh.empty for v in (x, scale, bias) if v is not None)
+        or jax.default_backend() != "cpu"
+    ):
+        return None
+    runs = _runs(x.ndim, set(axes))
+    if runs is None or 0 in axes:  # statistics across examples (batch norm): XLA's one fused reduction is as fast
+        return None
+    s_from, g_from, k_from = runs
+    if any(size != 1 for v in (scale, bias) if v is not None for size in v.shape[:g_from]):
+        return None
+    if not _kernel.enabled():
+        return None
+    shape = x.shape
+    sizes = (shape[:s_from], shape[s_from:g_from], shape[g_from:k_from], shape[k_from:])
+    return Layout(*(int(np.prod(part, dtype=np.int64)) for part in sizes), channels_from=g_from)
+
+
+def _runs(ndim, reduced):
+    """``(s_from, g_from, k_from)`` with axes ``[s_from, g_from)`` and ``[k_from, ndim)`` reduced, others kept.
+
+    Without an S run the kept axes before K are all batch (N), so scale and bias need not vary along them.
+    """
+    k_from = ndim
+    while k_from > 0 and k_from - 1 in reduced:
+        k_from -= 1
+    g_from = k_from
+    while g_from > 0 and g_from - 1 not in reduced:
+        g_from -= 1
+    s_from = g_from
+    while s_from > 0 and s_from - 1 in reduced:
+        s_from -= 1
+    if any(axis in reduced for axis in range(s_from)):
+        return None
+    if s_from == g_from:
+        return (k_from, k_from, k_from)
+    return (s_from, g_from, k_from)
+
+
+def _static(epsilon) -> bool:
+    try:
+        float(epsilon)
+    except (jax.errors.ConcretizationTypeError, TypeError):
+        return False
+    return True
+
+
+def normalize(x, scale, bias, plan: Layout, *, epsilon, centered):
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` through the kernels (`plan` from `layout`)."""
+    return standardize(x, scale, bias, plan, epsilon=epsilon, centered=centered)[0]
+
+
+def standardize(x, scale, bias, plan: Layout, *, epsilon, centered):
+    """`normalize`'s y, with the mean and (biased) variance per ``(n, g)``, shaped ``(plan.n, plan.g)``."""
+    channels = x.shape[plan.channels_from :]
+
+    def per_channel(value, default):
+        if value is None:
+            return jnp.full((plan.g * plan.k,), default, jnp.float32)
+        value = value.reshape(value.shape[plan.channels_from :])
+        return jnp.broadcast_to(value, channels).reshape(-1).astype(jnp.float32)
+
+    view = x.reshape(plan.n, plan.s, plan.g, plan.k)
+    y, mean, var = _standardize(view, per_channel(scale, 1.0), per_channel(bias, 0.0), np.float32(epsilon), centered)
+    return y.reshape(x.shape), mean, var
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _standardize(x, scale, bias, epsilon, centered):
+    y, mean, _, var = forward_p.bind(x, scale, bias, epsilon=epsilon, centered=centered)
+    return y, mean[..., 0] + mean[..., 1], var
+
+
+@_standardize.defjvp
+def _standardize_jvp(epsilon, centered, primals, tangents):
+    x, scale, bias = primals
+    dx = tangents[0]
+    y, mean, std, var = forward_p.bind(x, scale, bias, epsilon=epsilon, centered=centered)
+    dy = tangent_p.bind(x, mean, std, scale, *tangents, centered=centered)
+    wide = dx.astype(jnp.float32)
+    dmean = jnp.mean(wide, _AXES) if centered else jnp.zeros_like(var)
+    dvar = 2 * jnp.mean(_centered(x, mean) * wide, _AXES)
+    return (y, mean[..., 0] + mean[..., 1], var), (dy, dmean, dvar)
+
+
+# The plain-JAX twins. mean is (N, G, 2): hi + lo, the mean to about twice float32's precision; std is (N, G);
+# scale, bias, dscale and dbias are (G * K,).
+
+
+def _group(statistic):
+    return statistic[:, None, :, None]
+
+
+def _channel(x, value):
+    return value.reshape(1, 1, *x.shape[2:])
+
+
+def _centered(x, mean):
+    return x.astype(jnp.float32) - _group(mean[..., 0]) - _group(mean[..., 1])
+
+
+def _reference_forward(x, scale, bias, *, epsilon, centered):
+    wide = x.astype(jnp.float32)
+    hi = jnp.mean(wide, _AXES) if centered else jnp.zeros((x.shape[0], x.shape[2]))
+    lo = jnp.mean(wide - _group(hi), _AXES) if centered else hi  # what rounding hi lost
+    mean = jnp.stack([hi, lo], axis=-1)
+    deviation = _centered(x, mean)
+    var = jnp.mean(jnp.square(deviation), _AXES)
+    std = jnp.sqrt(var + epsilon)
+    y = deviation / _group(std) * _channel(x, scale) + _channel(x, bias)
+    return y.astype(x.dtype), mean, std, var
+
+
+def _reference_tangent(x, mean, std, scale, dx, dscale, dbias, *, centered):
+    xhat, dx = _centered(x, mean) / _group(std), dx.astype(jnp.float32)
+    dmean = jnp.mean(dx, _AXES, keepdims=True) if centered else 0.0
+    dy = _channel(x, scale) / _group(std) * (dx - dmean - xhat * jnp.mean(dx * xhat, _AXES, keepdims=True))
+    return (dy + _channel(x, dscale) * xhat + _channel(x, dbias)).astype(x.dtype)
+
+
+def _reference_backward(x, mean, std, scale, dy, *, centered):
+    xhat, dy = _centered(x, mean) / _group(std), dy.astype(jnp.float32)
+    g = dy * _channel(x, scale)
+    mean_g = jnp.mean(g, _AXES, keepdims=True) if centered else 0.0
+    dx = (g - mean_g - xhat * jnp.mean(g * xhat, _AXES, keepdims=True)) / _group(std)
+    return dx.astype(x.dtype), jnp.sum(dy * xhat, (0, 1)).reshape(-1), jnp.sum(dy, (0, 1)).reshape(-1)
+
+
+# Primitives.
+
+
+def _primitive(name, reference, multiple_results):
+    primitive = Primitive(f"jbn_{name}")
+    primitive.multiple_results = multiple_results
+
+    @functools.cache
+    def jitted(**params):
+        return jax.jit(functools.partial(primitive.bind, **params))
+
+    primitive.def_impl(lambda *args, **params: jitted(**params)(*args))
+    mlir.register_lowering(primitive, mlir.lower_fun(reference, multiple_results=multiple_results))
+
+    def jvp(primals, tangents, **params):
+        tangents = [ad.instantiate_zeros(t) for t in tangents]
+        return jax.jvp(functools.partial(reference, **params), primals, tangents)
+
+    def vmapped(args, dims, **params):
+        out = jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args)
+        return out, (0,) * len(out) if multiple_results else 0
+
+    ad.primitive_jvps[primitive] = jvp
+    batching.primitive_batchers[primitive] = vmapped
+    return primitive
+
+
+forward_p = _primitive("norm_forward", _reference_forward, multiple_results=True)
+tangent_p = _primitive("norm_tangent", _reference_tangent, multiple_results=False)
+backward_p = _primitive("norm_backward", _reference_backward, multiple_results=True)
+
+
+def _statistics_avals(x):
+    groups = (x.shape[0], x.shape[2])
+    per_group = jax.core.ShapedArray(groups, jnp.float32)
+    return jax.core.ShapedArray((*groups, 2), jnp.float32), per_group, per_group
+
+
+def _channels_aval(x):
+    return jax.core.ShapedArray((x.shape[2] * x.shape[3],), jnp.float32)
+
+
+forward_p.def_abstract_eval(lambda x, scale, bias, **_: (x, *_statistics_avals(x)))
+tangent_p.def_abstract_eval(lambda x, *_, **__: x)
+backward_p.def_abstract_eval(lambda x, *_, **__: (x, _channels_aval(x), _channels_aval(x)))
+mlir.register_lowering(forward_p, jax.ffi.ffi_lowering("jbn_norm_forward"), platform="cpu")
+mlir.register_lowering(backward_p, jax.ffi.ffi_lowering("jbn_norm_backward"), platform="cpu")
+
+
+def _forward_batched(args, dims, *, epsilon, centered):
+    """vmap over x alone folds the mapped axis into N; anything else maps the twin."""
+    x, scale, bias = args
+    if dims[1] is not None or dims[2] is not None:
+        out = jax.vmap(functools.partial(_reference_forward, epsilon=epsilon, centered=centered), in_axes=dims)(*args)
+        return out, (0,) * 4
+    x = jnp.moveaxis(x, dims[0], 0)
+    folded = x.reshape(-1, *x.shape[2:])
+    y, *statistics = forward_p.bind(folded, scale, bias, epsilon=epsilon, centered=centered)
+    return (y.reshape(x.shape), *(v.reshape(*x.shape[:2], *v.shape[1:]) for v in statistics)), (0,) * 4
+
+
+batching.primitive_batchers[forward_p] = _forward_batched
+
+
+def _tangent_transpose(cotangent, x, mean, std, scale, dx, dscale, dbias, *, centered):
+    if any(ad.is_undefined_primal(v) for v in (x, mean, std, scale)):
+        raise NotImplementedError("jbn: the normalization's tangent is linear in (dx, dscale, dbias) only")
+    if type(cotangent) is ad.Zero:
+        return [None] * 7
+    grads = backward_p.bind(x, mean, std, scale, cotangent, centered=centered)
+    linear = (dx, dscale, dbias)
+    return [None] * 4 + [g if ad.is_undefined_primal(v) else None for g, v in zip(grads, linear, strict=True)]
+
+
+def _backward_transpose(cotangents, x, mean, std, scale, dy, *, centered):
+    if any(ad.is_undefined_primal(v) for v in (x, mean, std, scale)):
+        raise NotImplementedError("jbn: the normalization's backward pass is linear in dy only")
+    channels = (x.shape[2] * x.shape[3],)
+    shapes = ((x.shape, x.dtype), (channels, jnp.float32), (channels, jnp.float32))
+    cotangents = [jnp.zeros(*spec) if type(c) is ad.Zero else c for c, spec in zip(cotangents, shapes, strict=True)]
+    return [None] * 4 + [tangent_p.bind(x, mean, std, scale, *cotangents, centered=centered)]
+
+
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+ad.primitive_transposes[backward_p] = _backward_transpose

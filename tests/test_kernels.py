@@ -1,0 +1,228 @@
+"""The fused CPU kernels: where they apply, their results against float64 and the XLA path, every transformation.
+
+The XLA path (``JBN_KERNELS=0``) is the comparator besides the float64 oracle: both must give the same outputs
+and gradients, eagerly and under jit, in float32 and bfloat16, for every (N, S, G, K) layout the kernels take.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbn
+from jbn import _fused, _kernel
+from tests import reference
+from tests.helpers import data, f64
+
+# (name, function, x shape, keyword arguments, the kernel's (N, S, G, K) view)
+CASES = [
+    ("layer", jbn.layer_norm, (4, 5, 24), {}, (20, 1, 1, 24)),
+    ("layer over two axes", jbn.layer_norm, (4, 5, 6), {"reduction_axes": (1, 2)}, (4, 1, 1, 30)),
+    ("rms", jbn.rms_norm, (6, 40), {}, (6, 1, 1, 40)),
+    ("instance", jbn.instance_norm, (3, 4, 5, 6), {}, (3, 20, 6, 1)),
+    ("group", jbn.group_norm, (3, 4, 4, 8), {"num_groups": 4}, (3, 16, 4, 2)),
+    ("one group per example", jbn.group_norm, (5, 12), {"num_groups": 1}, (5, 1, 1, 12)),
+]
+IDS = [case[0] for case in CASES]
+
+
+def _params(name, x):
+    """A scale and bias over the last axis (RMS norm has no bias)."""
+    rng = np.random.default_rng(7)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, x.shape[-1:]), jnp.float32)
+    bias = None if name == "rms" else jnp.asarray(rng.normal(size=x.shape[-1:]), jnp.float32)
+    return scale, bias
+
+
+def _apply(fn, x, scale, bias, kwargs):
+    return fn(x, scale, **kwargs) if bias is None else fn(x, scale, bias, **kwargs)
+
+
+def _expected(name, x, scale, bias, kwargs):
+    """The float64 oracle's y."""
+    x, scale, bias = f64(x), f64(scale), None if bias is None else f64(bias)
+    if name == "rms":
+        return reference.rms_norm(x, scale)
+    if name == "instance":
+        return reference.instance_norm(x, scale, bias)
+    if "group" in name:
+        return reference.group_norm(x, scale, bias, **kwargs)
+    return reference.layer_norm(x, scale, bias, **kwargs)
+
+
+def _loss_grads(fn, kwargs, x, scale, bias, cotangent):
+    """y and the gradients of <y, cotangent> with respect to x, scale and bias (when present)."""
+    params = (scale,) if bias is None else (scale, bias)
+    y, vjp = jax.vjp(lambda x, *p: _apply(fn, x, *p, None, kwargs) if len(p) == 1 else fn(x, *p, **kwargs), x, *params)
+    return y, vjp(cotangent)
+
+
+def _run(fn, kwargs, x, scale, bias, cotangent, *, kernels, jit, monkeypatch):
+    monkeypatch.setenv("JBN_KERNELS", "1" if kernels else "0")
+    step = functools.partial(_loss_grads, fn, kwargs)
+    return (jax.jit(step) if jit else step)(x, scale, bias, cotangent)
+
+
+def _forward_eqns(fn, *args, **kwargs):
+    """The kernel's forward calls in fn's jaxpr, nested ones (custom_jvp, pjit) included."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for value in eqn.params.values():
+                if isinstance(value, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr):
+                    yield from walk(getattr(value, "jaxpr", value))
+
+    jaxpr = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args).jaxpr
+    return [eqn for eqn in walk(jaxpr) if eqn.primitive is _fused.forward_p]
+
+
+@pytest.mark.parametrize(("name", "fn", "shape", "kwargs", "view"), CASES, ids=IDS)
+def test_the_kernels_take_these_layouts(name, fn, shape, kwargs, view):
+    (eqn,) = _forward_eqns(fn, jnp.ones(shape), **kwargs)
+    assert eqn.invars[0].aval.shape == view
+
+
+@pytest.mark.parametrize(
+    ("fn", "shape", "kwargs", "why"),
+    [
+        (jbn.layer_norm, (4, 5, 6), {"mask": jnp.ones((4, 5, 6), bool)}, "a mask"),
+        (jbn.layer_norm, (4, 5, 6), {"use_fast_variance": True}, "the opt-in fast variance"),
+        (jbn.layer_norm, (4, 5, 6), {"dtype": jnp.bfloat16}, "y in another dtype"),
+        (jbn.instance_norm, (4, 5, 6), {"feature_axes": 1, "scale": jnp.ones(5)}, "channels first, with a scale"),
+        (jbn.layer_norm, (2, 3, 4, 5), {"reduction_axes": (0, 2)}, "kept axes on both sides of a reduced one"),
+    ],
+)
+def test_the_xla_path_serves_the_rest(fn, shape, kwargs, why):
+    assert not _forward_eqns(fn, jnp.ones(shape), **kwargs), why
+
+
+def test_the_xla_path_serves_empty_arrays_float16_and_traced_epsilon():
+    assert not _forward_eqns(jbn.layer_norm, jnp.ones((4, 0, 6)))
+    assert not _forward_eqns(lambda x: jbn.layer_norm(x.astype(jnp.float16)), jnp.ones((4, 6)))
+    assert not _forward_eqns(lambda x, e: jbn.layer_norm(x, epsilon=e), jnp.ones((4, 6)), 1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(("name", "fn", "shape", "kwargs", "view"), CASES, ids=IDS)
+def test_outputs_and_gradients_equal_the_xla_path_and_float64(name, fn, shape, kwargs, view, dtype, jit, monkeypatch):
+    x = data(shape, dtype, offset=3.0)
+    scale, bias = _params(name, x)
+    cotangent = data(shape, dtype, seed=5)
+    fused = _run(fn, kwargs, x, scale, bias, cotangent, kernels=True, jit=jit, monkeypatch=monkeypatch)
+    plain = _run(fn, kwargs, x, scale, bias, cotangent, kernels=False, jit=jit, monkeypatch=monkeypatch)
+    tolerance = {"atol": 3e-5, "rtol": 1e-5} if dtype == jnp.float32 else {"atol": 5e-2, "rtol": 2e-2}
+    for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(f64(got), f64(want), **tolerance)
+    np.testing.assert_allclose(f64(fused[0]), _expected(name, x, scale, bias, kwargs), **tolerance)
+
+
+@pytest.mark.parametrize("groups", [None, 4])
+def test_gradients_on_offset_data_match_the_float64_closed_form(groups):
+    """1e4 + N(0, 1): the kernels keep the mean as two floats, so nothing cancels."""
+    x = data((6, 5, 16), offset=1e4)
+    scale, bias = _params("layer", x)
+    cotangent = data(x.shape, seed=3)
+    if groups is None:
+        fn, kwargs, axes = jbn.layer_norm, {}, (2,)
+        expected_y = reference.layer_norm(f64(x), f64(scale), f64(bias))
+    else:
+        fn, kwargs, axes = jbn.group_norm, {"num_groups": groups}, None
+        expected_y = reference.group_norm(f64(x), f64(scale), f64(bias), num_groups=groups)
+    y, grads = jax.jit(functools.partial(_loss_grads, fn, kwargs))(x, scale, bias, cotangent)
+    expected = reference.normalize_vjp(f64(x), f64(cotangent), axes, f64(scale), 1e-6, groups=groups)
+    assert np.abs(f64(y) - expected_y).max() < 2e-6
+    for got, want in zip(grads, expected, strict=True):
+        assert np.abs(f64(got) - want).max() < 2e-6 * np.abs(want).max()
+
+
+def _xla_and_fused(fn, *args, monkeypatch):
+    monkeypatch.setenv("JBN_KERNELS", "0")
+    plain = jax.jit(fn)(*args)
+    monkeypatch.setenv("JBN_KERNELS", "1")
+    return jax.jit(fn)(*args), plain
+
+
+def _assert_close(got, want, rtol=2e-5, atol=2e-5):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(f64(a), f64(b), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(("name", "fn", "shape", "kwargs", "view"), CASES[::2], ids=IDS[::2])
+def test_forward_mode_second_order_and_vmap_equal_the_xla_path(name, fn, shape, kwargs, view, monkeypatch):
+    x = data(shape, offset=2.0)
+    scale, bias = _params(name, x)
+    direction = data(shape, seed=9)
+    cotangent = data(shape, seed=4)
+
+    def loss(x, scale):
+        return jnp.vdot(_apply(fn, x, scale, bias, kwargs), cotangent)
+
+    cases = {
+        "jvp": lambda x, s: jax.jvp(lambda x, s: _apply(fn, x, s, bias, kwargs), (x, s), (direction, s * 0.5)),
+        "hessian-vector": lambda x, s: jax.jvp(jax.grad(loss), (x, s), (direction, s))[1],
+        "reverse over reverse": lambda x, s: jax.grad(lambda x, s: jnp.sum(jnp.square(jax.grad(loss)(x, s))))(x, s),
+        "vmap over x": lambda x, s: jax.vmap(lambda x: _apply(fn, x, s, bias, kwargs), 1, 1)(x[:, None]),
+        "vmap over scale": lambda x, s: jax.vmap(lambda s: _apply(fn, x, s, bias, kwargs))(jnp.stack([s, 2 * s])),
+        "per-example gradients": lambda x, s: jax.vmap(jax.grad(loss), (0, None))(x[None].repeat(2, 0), s),
+    }
+    for case, f in cases.items():
+        fused, plain = _xla_and_fused(f, x, scale, monkeypatch=monkeypatch)
+        _assert_close(fused, plain, rtol=1e-4, atol=1e-4 if "second" in case or "reverse" in case else 2e-5)
+    # vmap over x alone folds the mapped axis into N: still one kernel call.
+    (eqn,) = _forward_eqns(jax.vmap(lambda x: _apply(fn, x, scale, bias, kwargs)), x[None].repeat(3, 0))
+    assert eqn.invars[0].aval.shape[0] == 3 * view[0]
+
+
+def test_results_do_not_depend_on_thread_timing():
+    x = data((64, 33, 48), offset=1.0)
+    scale = jnp.linspace(0.5, 1.5, 48)
+    step = jax.jit(jax.grad(lambda x, s: jnp.sum(jnp.sin(jbn.layer_norm(x, s))), argnums=(0, 1)))
+    first, second = step(x, scale), step(x, scale)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(("name", "fn", "shape", "kwargs", "view"), CASES, ids=IDS)
+def test_the_plain_jax_twins_equal_the_kernels(name, fn, shape, kwargs, view):
+    """The twins define the primitives on other platforms and under transformations the kernels do not take."""
+    x = data(view, offset=5.0)
+    channels = view[2] * view[3]
+    scale, bias = jnp.linspace(0.5, 1.5, channels), jnp.linspace(-1.0, 1.0, channels)
+    dy = data(view, seed=2)
+    centered = name != "rms"
+    params = {"epsilon": np.float32(1e-6), "centered": centered}
+    fused = jax.jit(lambda *a: _fused.forward_p.bind(*a, **params))(x, scale, bias)
+    _assert_close(fused, _fused._reference_forward(x, scale, bias, **params), rtol=1e-5, atol=1e-5)
+    _, mean, std, _ = fused
+    backward = jax.jit(lambda *a: _fused.backward_p.bind(*a, centered=centered))(x, mean, std, scale, dy)
+    _assert_close(backward, _fused._reference_backward(x, mean, std, scale, dy, centered=centered), atol=1e-4)
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        _kernel._build()
+    monkeypatch.setattr(_kernel, "_build", lambda: (_ for _ in ()).throw(RuntimeError("compiler failed: boom")))
+    with pytest.warns(RuntimeWarning, match="boom.*XLA path"):
+        assert _kernel._register.__wrapped__() is False
+
+
+def test_the_build_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("JBN_CACHE_DIR", str(tmp_path))
+    built = _kernel._build()
+    stamp = built.stat().st_mtime_ns
+    assert _kernel._build() == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary files left behind
+
+
+def test_jax_export_works_with_the_kernels_off(monkeypatch):
+    """Exported code may not hold custom calls without compatibility guarantees: JBN_KERNELS=0 leaves none."""
+    monkeypatch.setenv("JBN_KERNELS", "0")
+    exported = jax.export.export(jax.jit(lambda x: jbn.layer_norm(x)))(jax.ShapeDtypeStruct((4, 8), jnp.float32))
+    x = data((4, 8))
+    np.testing.assert_allclose(f64(exported.call(x)), reference.layer_norm(f64(x)), atol=2e-6)
