@@ -32,20 +32,21 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 class Layout(NamedTuple):
-    """x as ``(n, s, g, k)``; ``channels_from``: the first axis of x that scale and bias vary along (G's)."""
+    """x as ``(n, s, g, k)``; G's axes of x are ``[groups_from, runs_from)``, K's ``[runs_from, x.ndim)``."""
 
     n: int
     s: int
     g: int
     k: int
-    channels_from: int
+    groups_from: int
+    runs_from: int
 
 
 def layout(x, axes, scale, bias, options, mask, epsilon) -> Layout | None:
     """The ``(N, S, G, K)`` view of x for statistics over `axes`, or None where the fused kernels do not apply.
 
     They apply on the CPU to float32 and bfloat16 x with y of the same dtype, a static epsilon, no mask, no
-    cross-device axis or sharding, and the exact variance, where the statistics are per example (axis 0 is kept),
+    cross-device axis or sharding, and the exact variance, where the statistics are per example (axis 0 kept),
     the reduced axes are a trailing run (K) and a run before the kept group axes (S), and scale and bias vary only
     along the axes from G on.
     """
@@ -62,7 +63,7 @@ def layout(x, axes, scale, bias, options, mask, epsilon) -> Layout | None:
     ):
         return None
     runs = _runs(x.ndim, set(axes))
-    if runs is None or 0 in axes:  # statistics across examples (batch norm): XLA's one fused reduction is as fast
+    if runs is None or 0 in axes:  # statistics across examples (batch norm): XLA's fused column sums do as well
         return None
     s_from, g_from, k_from = runs
     if any(size != 1 for v in (scale, bias) if v is not None for size in v.shape[:g_from]):
@@ -71,7 +72,7 @@ def layout(x, axes, scale, bias, options, mask, epsilon) -> Layout | None:
         return None
     shape = x.shape
     sizes = (shape[:s_from], shape[s_from:g_from], shape[g_from:k_from], shape[k_from:])
-    return Layout(*(int(np.prod(part, dtype=np.int64)) for part in sizes), channels_from=g_from)
+    return Layout(*(int(np.prod(part, dtype=np.int64)) for part in sizes), groups_from=g_from, runs_from=k_from)
 
 
 def _runs(ndim, reduced):
@@ -109,17 +110,24 @@ def normalize(x, scale, bias, plan: Layout, *, epsilon, centered):
 
 
 def standardize(x, scale, bias, plan: Layout, *, epsilon, centered):
-    """`normalize`'s y, with the mean and (biased) variance per ``(n, g)``, shaped ``(plan.n, plan.g)``."""
-    channels = x.shape[plan.channels_from :]
+    """`normalize`'s y, with the mean and (biased) variance per ``(n, g)``, shaped ``(plan.n, plan.g)``.
 
-    def per_channel(value, default):
+    Scale and bias go to the kernels per channel ``(G * K,)``, or per group ``(G,)`` where neither varies along
+    K (batch norm on channels-first data: one value per channel, not per pixel).
+    """
+    params = [v for v in (scale, bias) if v is not None]
+    per_group = plan.k > 1 and all(size == 1 for v in params for size in v.shape[plan.runs_from :])
+    until = plan.runs_from if per_group else x.ndim
+
+    def entries(value, default):
+        shape = x.shape[plan.groups_from : until]
         if value is None:
-            return jnp.full((plan.g * plan.k,), default, jnp.float32)
-        value = value.reshape(value.shape[plan.channels_from :])
-        return jnp.broadcast_to(value, channels).reshape(-1).astype(jnp.float32)
+            return jnp.full((int(np.prod(shape, dtype=np.int64)),), default, jnp.float32)
+        value = value.reshape(value.shape[plan.groups_from : until])
+        return jnp.broadcast_to(value, shape).reshape(-1).astype(jnp.float32)
 
     view = x.reshape(plan.n, plan.s, plan.g, plan.k)
-    y, mean, var = _standardize(view, per_channel(scale, 1.0), per_channel(bias, 0.0), np.float32(epsilon), centered)
+    y, mean, var = _standardize(view, entries(scale, 1.0), entries(bias, 0.0), np.float32(epsilon), centered)
     return y.reshape(x.shape), mean, var
 
 
@@ -150,7 +158,8 @@ def _group(statistic):
 
 
 def _channel(x, value):
-    return value.reshape(1, 1, *x.shape[2:])
+    """A per-channel (G * K) or per-group (G) value at the view's rank."""
+    return value.reshape(1, 1, x.shape[2], -1)
 
 
 def _centered(x, mean):
@@ -181,7 +190,8 @@ def _reference_backward(x, mean, std, scale, dy, *, centered):
     g = dy * _channel(x, scale)
     mean_g = jnp.mean(g, _AXES, keepdims=True) if centered else 0.0
     dx = (g - mean_g - xhat * jnp.mean(g * xhat, _AXES, keepdims=True)) / _group(std)
-    return dx.astype(x.dtype), jnp.sum(dy * xhat, (0, 1)).reshape(-1), jnp.sum(dy, (0, 1)).reshape(-1)
+    axes = (0, 1) if scale.size == x.shape[2] * x.shape[3] else (0, 1, 3)
+    return dx.astype(x.dtype), jnp.sum(dy * xhat, axes).reshape(-1), jnp.sum(dy, axes).reshape(-1)
 
 
 # Primitives.
@@ -222,13 +232,9 @@ def _statistics_avals(x):
     return jax.core.ShapedArray((*groups, 2), jnp.float32), per_group, per_group
 
 
-def _channels_aval(x):
-    return jax.core.ShapedArray((x.shape[2] * x.shape[3],), jnp.float32)
-
-
 forward_p.def_abstract_eval(lambda x, scale, bias, **_: (x, *_statistics_avals(x)))
 tangent_p.def_abstract_eval(lambda x, *_, **__: x)
-backward_p.def_abstract_eval(lambda x, *_, **__: (x, _channels_aval(x), _channels_aval(x)))
+backward_p.def_abstract_eval(lambda x, mean, std, scale, dy, **_: (x, scale, scale))
 mlir.register_lowering(forward_p, jax.ffi.ffi_lowering("jbn_norm_forward"), platform="cpu")
 mlir.register_lowering(backward_p, jax.ffi.ffi_lowering("jbn_norm_backward"), platform="cpu")
 
@@ -261,8 +267,7 @@ def _tangent_transpose(cotangent, x, mean, std, scale, dx, dscale, dbias, *, cen
 def _backward_transpose(cotangents, x, mean, std, scale, dy, *, centered):
     if any(ad.is_undefined_primal(v) for v in (x, mean, std, scale)):
         raise NotImplementedError("jbn: the normalization's backward pass is linear in dy only")
-    channels = (x.shape[2] * x.shape[3],)
-    shapes = ((x.shape, x.dtype), (channels, jnp.float32), (channels, jnp.float32))
+    shapes = ((x.shape, x.dtype), (scale.shape, jnp.float32), (scale.shape, jnp.float32))
     cotangents = [jnp.zeros(*spec) if type(c) is ad.Zero else c for c, spec in zip(cotangents, shapes, strict=True)]
     return [None] * 4 + [tangent_p.bind(x, mean, std, scale, *cotangents, centered=centered)]
 

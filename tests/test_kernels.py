@@ -24,15 +24,34 @@ CASES = [
     ("instance", jbn.instance_norm, (3, 4, 5, 6), {}, (3, 20, 6, 1)),
     ("group", jbn.group_norm, (3, 4, 4, 8), {"num_groups": 4}, (3, 16, 4, 2)),
     ("one group per example", jbn.group_norm, (5, 12), {"num_groups": 1}, (5, 1, 1, 12)),
+    # Long runs (K >= 16) summed per run; scale per channel, or per group (constant along K), short runs or long.
+    ("layer over a long run", jbn.layer_norm, (3, 4, 32), {"reduction_axes": (1, 2)}, (3, 1, 1, 128)),
+    (
+        "layer, long runs",
+        jbn.layer_norm,
+        (2, 3, 2, 40),
+        {"reduction_axes": (1, 3), "feature_axes": (2, 3)},
+        (2, 3, 2, 40),
+    ),
+    (
+        "layer, scale per group",
+        jbn.layer_norm,
+        (3, 4, 5, 16),
+        {"reduction_axes": (1, 3), "feature_axes": 2},
+        (3, 4, 5, 16),
+    ),
+    ("layer, short runs", jbn.layer_norm, (3, 4, 5, 4), {"reduction_axes": (1, 3), "feature_axes": 2}, (3, 4, 5, 4)),
 ]
 IDS = [case[0] for case in CASES]
 
 
-def _params(name, x):
-    """A scale and bias over the last axis (RMS norm has no bias)."""
+def _params(name, x, kwargs):
+    """A scale and bias along the feature axes (the last by default; RMS norm has no bias)."""
+    axes = kwargs.get("feature_axes", -1)
+    shape = tuple(x.shape[axis] for axis in ((axes,) if isinstance(axes, int) else axes))
     rng = np.random.default_rng(7)
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, x.shape[-1:]), jnp.float32)
-    bias = None if name == "rms" else jnp.asarray(rng.normal(size=x.shape[-1:]), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
+    bias = None if name == "rms" else jnp.asarray(rng.normal(size=shape), jnp.float32)
     return scale, bias
 
 
@@ -40,16 +59,13 @@ def _apply(fn, x, scale, bias, kwargs):
     return fn(x, scale, **kwargs) if bias is None else fn(x, scale, bias, **kwargs)
 
 
-def _expected(name, x, scale, bias, kwargs):
+def _expected(fn, x, scale, bias, kwargs):
     """The float64 oracle's y."""
     x, scale, bias = f64(x), f64(scale), None if bias is None else f64(bias)
-    if name == "rms":
-        return reference.rms_norm(x, scale)
-    if name == "instance":
-        return reference.instance_norm(x, scale, bias)
-    if "group" in name:
-        return reference.group_norm(x, scale, bias, **kwargs)
-    return reference.layer_norm(x, scale, bias, **kwargs)
+    if fn is jbn.rms_norm:
+        return reference.rms_norm(x, scale, **kwargs)
+    oracle = {jbn.layer_norm: reference.layer_norm, jbn.instance_norm: reference.instance_norm}
+    return oracle.get(fn, reference.group_norm)(x, scale, bias, **kwargs)
 
 
 def _loss_grads(fn, kwargs, x, scale, bias, cotangent):
@@ -110,7 +126,7 @@ def test_the_xla_path_serves_empty_arrays_float16_and_traced_epsilon():
 @pytest.mark.parametrize(("name", "fn", "shape", "kwargs", "view"), CASES, ids=IDS)
 def test_outputs_and_gradients_equal_the_xla_path_and_float64(name, fn, shape, kwargs, view, dtype, jit, monkeypatch):
     x = data(shape, dtype, offset=3.0)
-    scale, bias = _params(name, x)
+    scale, bias = _params(name, x, kwargs)
     cotangent = data(shape, dtype, seed=5)
     fused = _run(fn, kwargs, x, scale, bias, cotangent, kernels=True, jit=jit, monkeypatch=monkeypatch)
     plain = _run(fn, kwargs, x, scale, bias, cotangent, kernels=False, jit=jit, monkeypatch=monkeypatch)
@@ -118,14 +134,14 @@ def test_outputs_and_gradients_equal_the_xla_path_and_float64(name, fn, shape, k
     for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_allclose(f64(got), f64(want), **tolerance)
-    np.testing.assert_allclose(f64(fused[0]), _expected(name, x, scale, bias, kwargs), **tolerance)
+    np.testing.assert_allclose(f64(fused[0]), _expected(fn, x, scale, bias, kwargs), **tolerance)
 
 
 @pytest.mark.parametrize("groups", [None, 4])
 def test_gradients_on_offset_data_match_the_float64_closed_form(groups):
     """1e4 + N(0, 1): the kernels keep the mean as two floats, so nothing cancels."""
     x = data((6, 5, 16), offset=1e4)
-    scale, bias = _params("layer", x)
+    scale, bias = _params("layer", x, {})
     cotangent = data(x.shape, seed=3)
     if groups is None:
         fn, kwargs, axes = jbn.layer_norm, {}, (2,)
@@ -155,7 +171,7 @@ def _assert_close(got, want, rtol=2e-5, atol=2e-5):
 @pytest.mark.parametrize(("name", "fn", "shape", "kwargs", "view"), CASES[::2], ids=IDS[::2])
 def test_forward_mode_second_order_and_vmap_equal_the_xla_path(name, fn, shape, kwargs, view, monkeypatch):
     x = data(shape, offset=2.0)
-    scale, bias = _params(name, x)
+    scale, bias = _params(name, x, kwargs)
     direction = data(shape, seed=9)
     cotangent = data(shape, seed=4)
 
@@ -226,3 +242,20 @@ def test_jax_export_works_with_the_kernels_off(monkeypatch):
     exported = jax.export.export(jax.jit(lambda x: jbn.layer_norm(x)))(jax.ShapeDtypeStruct((4, 8), jnp.float32))
     x = data((4, 8))
     np.testing.assert_allclose(f64(exported.call(x)), reference.layer_norm(f64(x)), atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("fn", "shape", "kwargs"),
+    [
+        (jbn.instance_norm, (1, 48, 48, 8), {}),
+        (jbn.layer_norm, (2, 64, 3, 32), {"reduction_axes": (1, 3), "feature_axes": 2}),
+    ],
+    ids=["short runs", "long runs"],
+)
+def test_few_examples_split_into_slices_pool_exactly(fn, shape, kwargs):
+    """One or two examples are split into slices of rows across the threads; Chan's formula pools them."""
+    x = data(shape, offset=1e4, spread=0.01)
+    scale, bias = _params("layer", x, kwargs)
+    y = jax.jit(lambda x: fn(x, scale, bias, **kwargs))(x)
+    expected = _expected(fn, x, scale, bias, kwargs)
+    assert np.abs(f64(y) - expected).max() < 2e-5

@@ -2,7 +2,7 @@
 //
 // x is viewed as (N, S, G, K): statistics per (n, g) over S and K, scale and bias per channel c = g * K + k.
 // Layer/RMS norm over the last axis is (rows, 1, 1, features); instance norm (N, H*W, C, 1); group norm
-// (N, H*W, groups, C / groups); batch norm (1, N*H*W, C, 1) or, channels first, (1, N, C, H*W).
+// (N, H*W, groups, C / groups); statistics over (T, C) with scale over C, (N, T, 1, C).
 // Sums are taken in double, one pass per sum (the mean, then the centered squares), so the statistics are
 // two-pass exact whatever the offset of the data. The mean is handed on as two floats, hi + lo, so that
 // x - hi - lo keeps its precision. Work is split over examples, and over rows of S where there are few examples,
@@ -193,163 +193,320 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
   }
 }
 
-// ---- Planes (S > 1): rows of C channels; sums per channel over rows, split into tasks (example, run of rows). ----
+// ---- Planes (S > 1): rows of C channels, split into tasks (one example's slice of rows, about 64K elements). ----
+//
+// Each task takes its slice's mean first and its centered squares second, while the slice is in cache; slices
+// are pooled with Chan's formula (M2 = sum of M2_t + n_t (mean_t - mean)^2), which is exact. Short runs (K < 16:
+// channels last) are summed per channel, vectorized across C; long runs (channels first) in registers per run.
 
 struct Tasks {
   int64_t per_example, count;
 };
 
-// Enough tasks to keep every worker busy when there are few examples (batch norm has one), none under 16K elements.
 Tasks PlaneTasks(const Dims& d, ffi::ThreadPool& pool) {
+  int64_t per = (d.example() + 65535) / 65536;
   const int64_t wanted = 4 * Workers(pool);
-  int64_t per = d.n >= wanted ? 1 : (wanted + d.n - 1) / d.n;
-  per = std::max<int64_t>(1, std::min({per, d.s, d.example() / 16384}));
+  if (d.n * per < wanted) per = (wanted + d.n - 1) / d.n;
+  per = std::max<int64_t>(1, std::min(per, d.s));
   return Tasks{per, d.n * per};
 }
 
-// Calls row(n, s) for the rows of task t.
-template <typename F>
-void ForRows(const Dims& d, const Tasks& tasks, int64_t t, F&& row) {
+struct Slice {
+  int64_t n, begin, end;
+};
+
+Slice SliceOf(const Dims& d, const Tasks& tasks, int64_t t) {
   const int64_t n = t / tasks.per_example, part = t % tasks.per_example;
-  for (int64_t s = Split(part, tasks.per_example, d.s); s < Split(part + 1, tasks.per_example, d.s); ++s) row(n, s);
+  return Slice{n, Split(part, tasks.per_example, d.s), Split(part + 1, tasks.per_example, d.s)};
 }
 
-// Per-(n, g) totals of per-task, per-channel partial sums, in a fixed order.
-void GroupTotals(const Dims& d, const Tasks& tasks, const std::vector<double>& partial, int64_t stride,
-                 int64_t offset, std::vector<double>& totals) {
-  const int64_t C = d.channels();
-  totals.assign(d.n * d.g, 0.0);
-  for (int64_t t = 0; t < tasks.count; ++t) {
-    const int64_t n = t / tasks.per_example;
-    for (int64_t c = 0; c < C; ++c) totals[n * d.g + c / d.k] += partial[t * stride + offset + c];
+// Scale and bias per channel (C values) or, for long runs only, per group (G values).
+struct Affine {
+  const float* scale;
+  const float* bias;
+  bool per_group;
+  float ScaleAt(int64_t g, int64_t k, int64_t K) const { return per_group ? scale[g] : scale[g * K + k]; }
+};
+
+// Adds per-channel values (C) into their groups (G).
+void GroupSums(const Dims& d, const double* channel, double* group) {
+  for (int64_t g = 0; g < d.g; ++g) {
+    double total = 0.0;
+    for (int64_t k = 0; k < d.k; ++k) total += channel[g * d.k + k];
+    group[g] += total;
   }
 }
 
-// Per-(n, c) float copies of per-(n, g) values.
-void PerChannel(const Dims& d, const float* values, int64_t stride, bool invert, std::vector<float>& out) {
-  out.resize(d.n * d.channels());
-  for (int64_t i = 0; i < d.n * d.g; ++i) {
-    const float v = invert ? static_cast<float>(1.0 / values[i * stride]) : values[i * stride];
-    std::fill_n(out.data() + i * d.k, d.k, v);
+// Per-channel sums over rows of f(row, c), in float for blocks of 16 rows and in double across blocks: float
+// speed (twice the lanes), and each float sum covers 16 terms of similar size, so nothing is lost that matters.
+template <typename F>
+void BlockedChannelSums(int64_t begin, int64_t end, int64_t C, std::vector<float>& block, double* sums, F&& term) {
+  constexpr int64_t kBlock = 16;
+  block.resize(C);
+  std::fill_n(sums, C, 0.0);
+  float* b = block.data();
+  for (int64_t first = begin; first < end; first += kBlock) {
+    std::fill_n(b, C, 0.0f);
+    for (int64_t s = first; s < std::min(end, first + kBlock); ++s) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) b[c] += term(s, c);
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) sums[c] += b[c];
   }
 }
+
+struct SliceScratch {
+  std::vector<double> channel;
+  std::vector<float> block, center;
+};
+
+// Per group of one slice: mean (double) and centered sum of squares. Short runs are summed per channel relative to
+// a shift (the group's first element), then around the float-rounded mean with the rounding corrected for, so
+// data far from zero loses nothing; long runs are summed in double registers, mean first.
+template <typename T>
+void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, double* mean, double* m2,
+                  SliceScratch& scratch) {
+  const int64_t C = d.channels(), count = (slice.end - slice.begin) * d.k;
+  const T* base = x + slice.n * d.example();
+  std::fill_n(mean, d.g, 0.0);
+  std::fill_n(m2, d.g, 0.0);
+  if (d.k >= 16) {
+    for (int64_t s = slice.begin; centered && s < slice.end; ++s) {
+      for (int64_t g = 0; g < d.g; ++g) {
+        const T* run = base + s * C + g * d.k;
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < d.k; ++k) sum += Load(run, k);
+        mean[g] += sum;
+      }
+    }
+    for (int64_t g = 0; centered && g < d.g; ++g) mean[g] /= count;
+    for (int64_t s = slice.begin; s < slice.end; ++s) {
+      for (int64_t g = 0; g < d.g; ++g) {
+        const T* run = base + s * C + g * d.k;
+        const double m = mean[g];
+        double sq = 0.0;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t k = 0; k < d.k; ++k) {
+          const double v = Load(run, k) - m;
+          sq += v * v;
+        }
+        m2[g] += sq;
+      }
+    }
+    return;
+  }
+  scratch.channel.resize(C);
+  scratch.center.resize(C);
+  double* sums = scratch.channel.data();
+  float* center = scratch.center.data();
+  if (centered) {
+    for (int64_t g = 0; g < d.g; ++g) std::fill_n(center + g * d.k, d.k, Load(base + slice.begin * C, g * d.k));
+    BlockedChannelSums(slice.begin, slice.end, C, scratch.block, sums,
+                       [&](int64_t s, int64_t c) { return Load(base + s * C, c) - center[c]; });
+    GroupSums(d, sums, mean);
+    for (int64_t g = 0; g < d.g; ++g) mean[g] = center[g * d.k] + mean[g] / count;
+  }
+  for (int64_t g = 0; g < d.g; ++g) std::fill_n(center + g * d.k, d.k, static_cast<float>(mean[g]));
+  BlockedChannelSums(slice.begin, slice.end, C, scratch.block, sums, [&](int64_t s, int64_t c) {
+    const float v = Load(base + s * C, c) - center[c];
+    return v * v;
+  });
+  GroupSums(d, sums, m2);
+  for (int64_t g = 0; g < d.g; ++g) {
+    const double rounding = mean[g] - static_cast<double>(center[g * d.k]);  // sum (x - c)^2 = M2 + n (m - c)^2
+    m2[g] = std::max(0.0, m2[g] - count * rounding * rounding);
+  }
+}
+
+// Per-(n, c) floats of per-(n, g) statistics: hi, lo and 1 / std.
+struct ChannelStatistics {
+  std::vector<float> hi, lo, inv;
+  void Fill(const Dims& d, const float* mean, const float* std) {
+    const int64_t size = d.n * d.channels();
+    hi.resize(size);
+    lo.resize(size);
+    inv.resize(size);
+    for (int64_t i = 0; i < d.n * d.g; ++i) {
+      std::fill_n(hi.data() + i * d.k, d.k, mean[2 * i]);
+      std::fill_n(lo.data() + i * d.k, d.k, mean[2 * i + 1]);
+      std::fill_n(inv.data() + i * d.k, d.k, static_cast<float>(1.0 / std[i]));
+    }
+  }
+};
 
 template <typename T>
-void PlanesForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* scale, const float* bias, T* y,
-                   Statistics out, double eps, bool centered) {
-  const int64_t C = d.channels(), count = d.s * d.k;
+void PlanesForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine& affine, T* y, Statistics out,
+                   double eps, bool centered) {
+  const int64_t C = d.channels();
   const Tasks tasks = PlaneTasks(d, pool);
-  std::vector<double> partial(tasks.count * C), mean(d.n * d.g, 0.0), totals;
-  if (centered) {
-    Parallel::For(pool, tasks.count, [&](int64_t t) {
-      double* sums = partial.data() + t * C;
-      std::fill_n(sums, C, 0.0);
-      ForRows(d, tasks, t, [&](int64_t n, int64_t s) {
-        const T* row = x + (n * d.s + s) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sums[c] += Load(row, c);
-      });
-    });
-    GroupTotals(d, tasks, partial, C, 0, totals);
-    for (int64_t i = 0; i < d.n * d.g; ++i) mean[i] = totals[i] / count;
-  }
-  std::vector<double> channel_mean(d.n * C);
-  for (int64_t i = 0; i < d.n * d.g; ++i) std::fill_n(channel_mean.data() + i * d.k, d.k, mean[i]);
+  std::vector<double> means(tasks.count * d.g), m2s(tasks.count * d.g);
   Parallel::For(pool, tasks.count, [&](int64_t t) {
-    double* sums = partial.data() + t * C;
-    std::fill_n(sums, C, 0.0);
-    ForRows(d, tasks, t, [&](int64_t n, int64_t s) {
-      const T* row = x + (n * d.s + s) * C;
-      const double* m = channel_mean.data() + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const double v = Load(row, c) - m[c];
-        sums[c] += v * v;
-      }
-    });
+    SliceScratch scratch;
+    SliceMoments(d, x, SliceOf(d, tasks, t), centered, means.data() + t * d.g, m2s.data() + t * d.g, scratch);
   });
-  GroupTotals(d, tasks, partial, C, 0, totals);
-  for (int64_t i = 0; i < d.n * d.g; ++i) {
-    SetStatistics(mean[i], totals[i] / count, eps, out.mean + 2 * i, out.std + i, out.var + i);
+  std::vector<double> counts(tasks.per_example);  // elements per slice of an example
+  for (int64_t part = 0; part < tasks.per_example; ++part) {
+    const Slice slice = SliceOf(d, tasks, part);
+    counts[part] = static_cast<double>((slice.end - slice.begin) * d.k);
   }
-  std::vector<float> hi, lo, inv;
-  PerChannel(d, out.mean, 2, false, hi);
-  PerChannel(d, out.mean + 1, 2, false, lo);
-  PerChannel(d, out.std, 1, true, inv);
+  const double count = static_cast<double>(d.s * d.k);
+  for (int64_t n = 0; n < d.n; ++n) {
+    for (int64_t g = 0; g < d.g; ++g) {
+      const int64_t first = n * tasks.per_example;
+      double total = 0.0, m2 = 0.0;
+      for (int64_t part = 0; part < tasks.per_example; ++part) total += counts[part] * means[(first + part) * d.g + g];
+      const double mean = total / count;
+      for (int64_t part = 0; part < tasks.per_example; ++part) {
+        const double shift = means[(first + part) * d.g + g] - mean;
+        m2 += m2s[(first + part) * d.g + g] + counts[part] * shift * shift;
+      }
+      const int64_t i = n * d.g + g;
+      SetStatistics(mean, m2 / count, eps, out.mean + 2 * i, out.std + i, out.var + i);
+    }
+  }
+  ChannelStatistics stats;
+  stats.Fill(d, out.mean, out.std);
   Parallel::For(pool, tasks.count, [&](int64_t t) {
-    ForRows(d, tasks, t, [&](int64_t n, int64_t s) {
-      const T* row = x + (n * d.s + s) * C;
-      T* result = y + (n * d.s + s) * C;
-      const float *h = hi.data() + n * C, *l = lo.data() + n * C, *r = inv.data() + n * C;
+    const Slice slice = SliceOf(d, tasks, t);
+    const int64_t o = slice.n * C;
+    const float *h = stats.hi.data() + o, *l = stats.lo.data() + o, *r = stats.inv.data() + o;
+    for (int64_t s = slice.begin; s < slice.end; ++s) {
+      const T* row = x + (slice.n * d.s + s) * C;
+      T* result = y + (slice.n * d.s + s) * C;
+      if (affine.per_group) {
+        for (int64_t g = 0; g < d.g; ++g) {
+          const int64_t c0 = g * d.k;
+          const float hg = h[c0], lg = l[c0], a = r[c0] * affine.scale[g], b = affine.bias[g];
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) Store(result, c, (Load(row, c) - h[c] - l[c]) * r[c] * scale[c] + bias[c]);
-    });
+          for (int64_t k = 0; k < d.k; ++k) Store(result, c0 + k, (Load(row, c0 + k) - hg - lg) * a + b);
+        }
+      } else {
+        const float *sc = affine.scale, *bi = affine.bias;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) Store(result, c, (Load(row, c) - h[c] - l[c]) * r[c] * sc[c] + bi[c]);
+      }
+    }
   });
 }
 
+// Reverse mode over planes: per task, the sums of g = dy * scale and g * xhat per group, and of dy * xhat and dy
+// per scale entry; pooled in task order; then dx = (g - <g> - xhat <g xhat>) / std.
 template <typename T, typename U>
 void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
-                    const float* scale, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
-  const int64_t C = d.channels(), count = d.s * d.k;
+                    const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
+  const int64_t C = d.channels(), count = d.s * d.k, params = affine.per_group ? d.g : C;
   const Tasks tasks = PlaneTasks(d, pool);
-  std::vector<float> hi, lo, inv;
-  PerChannel(d, mean, 2, false, hi);
-  PerChannel(d, mean + 1, 2, false, lo);
-  PerChannel(d, std, 1, true, inv);
-  // Per task and channel: the sum of dy, then the sum of dy * xhat.
-  std::vector<double> partial(tasks.count * 2 * C);
+  ChannelStatistics stats;
+  stats.Fill(d, mean, std);
+  // Per task: [sum g, sum g xhat] per group, then [sum dy xhat, sum dy] per scale entry.
+  const int64_t stride = 2 * d.g + 2 * params;
+  std::vector<double> partial(tasks.count * stride, 0.0);
   Parallel::For(pool, tasks.count, [&](int64_t t) {
-    double* sum_dy = partial.data() + t * 2 * C;
-    double* sum_dy_xhat = sum_dy + C;
-    std::fill_n(sum_dy, 2 * C, 0.0);
-    ForRows(d, tasks, t, [&](int64_t n, int64_t s) {
-      const T* row = x + (n * d.s + s) * C;
-      const U* grad = dy + (n * d.s + s) * C;
-      const float *h = hi.data() + n * C, *l = lo.data() + n * C, *r = inv.data() + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float g = Load(grad, c);
-        sum_dy[c] += g;
-        sum_dy_xhat[c] += g * ((Load(row, c) - h[c] - l[c]) * r[c]);
+    const Slice slice = SliceOf(d, tasks, t);
+    double* sum_g = partial.data() + t * stride;
+    double* sum_gx = sum_g + d.g;
+    double* sum_dyx = sum_gx + d.g;
+    double* sum_dy = sum_dyx + params;
+    const int64_t o = slice.n * C;
+    const float *h = stats.hi.data() + o, *l = stats.lo.data() + o, *r = stats.inv.data() + o;
+    if (affine.per_group) {
+      for (int64_t s = slice.begin; s < slice.end; ++s) {
+        const T* row = x + (slice.n * d.s + s) * C;
+        const U* grad = dy + (slice.n * d.s + s) * C;
+        for (int64_t g = 0; g < d.g; ++g) {
+          const int64_t c0 = g * d.k;
+          const float hg = h[c0], lg = l[c0], rg = r[c0];
+          double dy_sum = 0.0, dyx_sum = 0.0;
+#pragma omp simd reduction(+ : dy_sum, dyx_sum)
+          for (int64_t k = 0; k < d.k; ++k) {
+            const float gr = Load(grad, c0 + k);
+            dy_sum += gr;
+            dyx_sum += gr * ((Load(row, c0 + k) - hg - lg) * rg);
+          }
+          sum_dy[g] += dy_sum;
+          sum_dyx[g] += dyx_sum;
+        }
       }
-    });
+    } else {
+      // Both sums in one pass, in float for blocks of rows (as in BlockedChannelSums).
+      constexpr int64_t kBlock = 16;
+      std::vector<float> block(2 * C);
+      float *b_dy = block.data(), *b_dyx = b_dy + C;
+      for (int64_t first = slice.begin; first < slice.end; first += kBlock) {
+        std::fill_n(b_dy, 2 * C, 0.0f);
+        for (int64_t s = first; s < std::min(slice.end, first + kBlock); ++s) {
+          const T* row = x + (slice.n * d.s + s) * C;
+          const U* grad = dy + (slice.n * d.s + s) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const float gr = Load(grad, c);
+            b_dy[c] += gr;
+            b_dyx[c] += gr * ((Load(row, c) - h[c] - l[c]) * r[c]);
+          }
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          sum_dy[c] += b_dy[c];
+          sum_dyx[c] += b_dyx[c];
+        }
+      }
+    }
+    const int64_t run = affine.per_group ? 1 : d.k;
+    for (int64_t g = 0; g < d.g; ++g) {
+      for (int64_t p = g * run; p < (g + 1) * run; ++p) {
+        sum_g[g] += affine.scale[p] * sum_dy[p];
+        sum_gx[g] += affine.scale[p] * sum_dyx[p];
+      }
+    }
   });
-  // Per example and channel totals, in task order; then dscale, dbias and the per-group means of g and g * xhat.
-  std::vector<double> channel_dy(d.n * C, 0.0), channel_dy_xhat(d.n * C, 0.0);
-  for (int64_t t = 0; t < tasks.count; ++t) {
-    const int64_t n = t / tasks.per_example;
-    for (int64_t c = 0; c < C; ++c) {
-      channel_dy[n * C + c] += partial[t * 2 * C + c];
-      channel_dy_xhat[n * C + c] += partial[t * 2 * C + C + c];
-    }
-  }
-  std::vector<double> a(d.n * d.g, 0.0), b(d.n * d.g, 0.0);
+  std::vector<float> a(d.n * C), b(d.n * C);
   for (int64_t n = 0; n < d.n; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      dbias[c] += channel_dy[n * C + c];
-      dscale[c] += channel_dy_xhat[n * C + c];
-      a[n * d.g + c / d.k] += scale[c] * channel_dy[n * C + c];
-      b[n * d.g + c / d.k] += scale[c] * channel_dy_xhat[n * C + c];
+    for (int64_t g = 0; g < d.g; ++g) {
+      double total_g = 0.0, total_gx = 0.0;
+      for (int64_t t = n * tasks.per_example; t < (n + 1) * tasks.per_example; ++t) {
+        total_g += partial[t * stride + g];
+        total_gx += partial[t * stride + d.g + g];
+      }
+      std::fill_n(a.data() + (n * d.g + g) * d.k, d.k, centered ? static_cast<float>(total_g / count) : 0.0f);
+      std::fill_n(b.data() + (n * d.g + g) * d.k, d.k, static_cast<float>(total_gx / count));
     }
   }
-  std::vector<float> ca(d.n * C), cb(d.n * C);
-  for (int64_t i = 0; i < d.n * d.g; ++i) {
-    std::fill_n(ca.data() + i * d.k, d.k, centered ? static_cast<float>(a[i] / count) : 0.0f);
-    std::fill_n(cb.data() + i * d.k, d.k, static_cast<float>(b[i] / count));
+  for (int64_t t = 0; t < tasks.count; ++t) {
+    for (int64_t p = 0; p < params; ++p) {
+      dscale[p] += partial[t * stride + 2 * d.g + p];
+      dbias[p] += partial[t * stride + 2 * d.g + params + p];
+    }
   }
   Parallel::For(pool, tasks.count, [&](int64_t t) {
-    ForRows(d, tasks, t, [&](int64_t n, int64_t s) {
-      const T* row = x + (n * d.s + s) * C;
-      const U* grad = dy + (n * d.s + s) * C;
-      T* result = dx + (n * d.s + s) * C;
-      const float *h = hi.data() + n * C, *l = lo.data() + n * C, *r = inv.data() + n * C;
-      const float *an = ca.data() + n * C, *bn = cb.data() + n * C;
+    const Slice slice = SliceOf(d, tasks, t);
+    const int64_t o = slice.n * C;
+    const float *h = stats.hi.data() + o, *l = stats.lo.data() + o, *r = stats.inv.data() + o;
+    const float *an = a.data() + o, *bn = b.data() + o;
+    for (int64_t s = slice.begin; s < slice.end; ++s) {
+      const T* row = x + (slice.n * d.s + s) * C;
+      const U* grad = dy + (slice.n * d.s + s) * C;
+      T* result = dx + (slice.n * d.s + s) * C;
+      if (affine.per_group) {
+        for (int64_t g = 0; g < d.g; ++g) {
+          const int64_t c0 = g * d.k;
+          const float hg = h[c0], lg = l[c0], rg = r[c0], sg = affine.scale[g], ag = an[c0], bg = bn[c0];
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float xhat = (Load(row, c) - h[c] - l[c]) * r[c];
-        Store(result, c, r[c] * (Load(grad, c) * scale[c] - an[c] - xhat * bn[c]));
+          for (int64_t k = 0; k < d.k; ++k) {
+            const float xhat = (Load(row, c0 + k) - hg - lg) * rg;
+            Store(result, c0 + k, rg * (Load(grad, c0 + k) * sg - ag - xhat * bg));
+          }
+        }
+      } else {
+        const float* sc = affine.scale;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float xhat = (Load(row, c) - h[c] - l[c]) * r[c];
+          Store(result, c, r[c] * (Load(grad, c) * sc[c] - an[c] - xhat * bn[c]));
+        }
       }
-    });
+    }
   });
 }
 
@@ -360,29 +517,61 @@ Dims DimsOf(const ffi::AnyBuffer& x) {
   return Dims{dims[0], dims[1], dims[2], dims[3]};
 }
 
+// Scale and bias come per channel (C) or per group (G, constant along K). Per group is kept only for long runs
+// over planes; elsewhere it is expanded to channels (and dscale, dbias folded back).
+struct Parameters {
+  Affine affine;
+  std::vector<float> scale, bias;
+  bool expanded = false;
+
+  Parameters(const Dims& d, const float* scale_in, const float* bias_in, int64_t size) {
+    affine = Affine{scale_in, bias_in, size != d.channels()};
+    if (affine.per_group && (d.s == 1 || d.k < 16)) {
+      scale.resize(d.channels());
+      bias.resize(d.channels());
+      for (int64_t g = 0; g < d.g; ++g) {
+        std::fill_n(scale.data() + g * d.k, d.k, scale_in[g]);
+        std::fill_n(bias.data() + g * d.k, d.k, bias_in[g]);
+      }
+      affine = Affine{scale.data(), bias.data(), false};
+      expanded = true;
+    }
+  }
+};
+
 template <typename T>
-void Forward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* scale, const float* bias, T* y,
-             Statistics out, double eps, bool centered) {
+void Forward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* scale, const float* bias, int64_t size,
+             T* y, Statistics out, double eps, bool centered) {
+  const Parameters params(d, scale, bias, size);
   if (d.s == 1) {
-    RowsForward(pool, d, x, scale, bias, y, out, eps, centered);
+    RowsForward(pool, d, x, params.affine.scale, params.affine.bias, y, out, eps, centered);
   } else {
-    PlanesForward(pool, d, x, scale, bias, y, out, eps, centered);
+    PlanesForward(pool, d, x, params.affine, y, out, eps, centered);
   }
 }
 
 template <typename T, typename U>
 void Backward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
-              const float* scale, const U* dy, T* dx, float* dscale, float* dbias, bool centered) {
-  const int64_t C = d.channels();
-  std::vector<double> ds(C, 0.0), db(C, 0.0);
+              const float* scale, int64_t size, const U* dy, T* dx, float* dscale, float* dbias, bool centered) {
+  const Parameters params(d, scale, scale, size);  // the bias plays no part in reverse mode
+  const int64_t entries = params.affine.per_group ? d.g : d.channels();
+  std::vector<double> ds(entries, 0.0), db(entries, 0.0);
   if (d.s == 1) {
-    RowsBackward(pool, d, x, mean, std, scale, dy, dx, ds.data(), db.data(), centered);
+    RowsBackward(pool, d, x, mean, std, params.affine.scale, dy, dx, ds.data(), db.data(), centered);
   } else {
-    PlanesBackward(pool, d, x, mean, std, scale, dy, dx, ds.data(), db.data(), centered);
+    PlanesBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), centered);
   }
-  for (int64_t c = 0; c < C; ++c) {
-    dscale[c] = static_cast<float>(ds[c]);
-    dbias[c] = static_cast<float>(db[c]);
+  std::fill_n(dscale, size, 0.0f);
+  std::fill_n(dbias, size, 0.0f);
+  std::vector<double> fs(size, 0.0), fb(size, 0.0);
+  for (int64_t e = 0; e < entries; ++e) {
+    const int64_t p = params.expanded ? e / d.k : e;
+    fs[p] += ds[e];
+    fb[p] += db[e];
+  }
+  for (int64_t p = 0; p < size; ++p) {
+    dscale[p] = static_cast<float>(fs[p]);
+    dbias[p] = static_cast<float>(fb[p]);
   }
 }
 
@@ -395,13 +584,17 @@ ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                           ffi::ResultBuffer<ffi::F32> var) {
   const Dims d = DimsOf(x);
   const Statistics out{mean->typed_data(), std->typed_data(), var->typed_data()};
+  const int64_t size = static_cast<int64_t>(scale.element_count());
+  if ((size != d.channels() && size != d.g) || static_cast<int64_t>(bias.element_count()) != size) {
+    return ffi::Error::InvalidArgument("jbn: scale and bias must have G * K or G entries");
+  }
   if (x.element_type() != y->element_type()) return ffi::Error::InvalidArgument("jbn: x and y dtypes differ");
   if (IsF32(x)) {
-    Forward(pool, d, x.typed_data<float>(), scale.typed_data(), bias.typed_data(), y->typed_data<float>(), out,
-            eps, centered);
+    Forward(pool, d, x.typed_data<float>(), scale.typed_data(), bias.typed_data(), size, y->typed_data<float>(),
+            out, eps, centered);
   } else if (IsBF16(x)) {
     Forward(pool, d, reinterpret_cast<const uint16_t*>(x.untyped_data()), scale.typed_data(), bias.typed_data(),
-            reinterpret_cast<uint16_t*>(y->untyped_data()), out, eps, centered);
+            size, reinterpret_cast<uint16_t*>(y->untyped_data()), out, eps, centered);
   } else {
     return ffi::Error::InvalidArgument("jbn: x must be float32 or bfloat16");
   }
@@ -410,15 +603,15 @@ ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 
 template <typename T>
 ffi::Error BackwardFor(ffi::ThreadPool& pool, const Dims& d, const ffi::AnyBuffer& x, const float* mean,
-                       const float* std, const float* scale, const ffi::AnyBuffer& dy, ffi::AnyBuffer& dx,
-                       float* dscale, float* dbias, bool centered) {
+                       const float* std, const float* scale, int64_t size, const ffi::AnyBuffer& dy,
+                       ffi::AnyBuffer& dx, float* dscale, float* dbias, bool centered) {
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
   T* dxp = reinterpret_cast<T*>(dx.untyped_data());
   if (IsF32(dy)) {
-    Backward(pool, d, xp, mean, std, scale, dy.typed_data<float>(), dxp, dscale, dbias, centered);
+    Backward(pool, d, xp, mean, std, scale, size, dy.typed_data<float>(), dxp, dscale, dbias, centered);
   } else if (IsBF16(dy)) {
-    Backward(pool, d, xp, mean, std, scale, reinterpret_cast<const uint16_t*>(dy.untyped_data()), dxp, dscale,
-             dbias, centered);
+    Backward(pool, d, xp, mean, std, scale, size, reinterpret_cast<const uint16_t*>(dy.untyped_data()), dxp,
+             dscale, dbias, centered);
   } else {
     return ffi::Error::InvalidArgument("jbn: dy must be float32 or bfloat16");
   }
@@ -431,12 +624,16 @@ ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
                            ffi::ResultBuffer<ffi::F32> dbias) {
   const Dims d = DimsOf(x);
   if (x.element_type() != dx->element_type()) return ffi::Error::InvalidArgument("jbn: x and dx dtypes differ");
+  const int64_t size = static_cast<int64_t>(scale.element_count());
+  if (size != d.channels() && size != d.g) {
+    return ffi::Error::InvalidArgument("jbn: scale must have G * K or G entries");
+  }
   if (IsF32(x)) {
-    return BackwardFor<float>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), dy, *dx,
+    return BackwardFor<float>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy, *dx,
                               dscale->typed_data(), dbias->typed_data(), centered);
   }
   if (IsBF16(x)) {
-    return BackwardFor<uint16_t>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), dy, *dx,
+    return BackwardFor<uint16_t>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy, *dx,
                                  dscale->typed_data(), dbias->typed_data(), centered);
   }
   return ffi::Error::InvalidArgument("jbn: x must be float32 or bfloat16");
