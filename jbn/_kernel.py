@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 
 import jax
@@ -25,9 +26,15 @@ TARGETS = {"jbn_norm_forward": "JbnNormForward", "jbn_norm_backward": "JbnNormBa
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 
 
+_LOCK = threading.Lock()  # one build per process, whichever thread traces first
+
+
 def enabled() -> bool:
     """Whether the fused CPU kernels are built and registered (building them on the first call)."""
-    return os.environ.get("JBN_KERNELS", "1") != "0" and _register()
+    if os.environ.get("JBN_KERNELS", "1") == "0":
+        return False
+    with _LOCK:
+        return _register()
 
 
 @functools.cache

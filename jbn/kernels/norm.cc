@@ -257,13 +257,12 @@ void BlockedChannelSums(int64_t begin, int64_t end, int64_t C, std::vector<float
 }
 
 struct SliceScratch {
-  std::vector<double> channel;
+  std::vector<double> channel, channel_mean;
   std::vector<float> block, center;
 };
 
-// Per group of one slice: mean (double) and centered sum of squares. Short runs are summed per channel relative to
-// a shift (the group's first element), then around the float-rounded mean with the rounding corrected for, so
-// data far from zero loses nothing; long runs are summed in double registers, mean first.
+// Per group of one slice: mean (double) and centered sum of squares, two-pass. Short runs are summed per channel,
+// long runs in double registers per run.
 template <typename T>
 void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, double* mean, double* m2,
                   SliceScratch& scratch) {
@@ -302,22 +301,35 @@ void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, 
   double* sums = scratch.channel.data();
   float* center = scratch.center.data();
   if (centered) {
+    // Relative to a shift (the group's first element), in float blocks; in double where that overflowed (data
+    // spanning more than float's range), which gives the same NaN again where the data hold a NaN.
     for (int64_t g = 0; g < d.g; ++g) std::fill_n(center + g * d.k, d.k, Load(base + slice.begin * C, g * d.k));
     BlockedChannelSums(slice.begin, slice.end, C, scratch.block, sums,
                        [&](int64_t s, int64_t c) { return Load(base + s * C, c) - center[c]; });
+    if (!std::all_of(sums, sums + C, [](double v) { return std::isfinite(v); })) {
+      std::fill_n(sums, C, 0.0);
+      for (int64_t s = slice.begin; s < slice.end; ++s) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) sums[c] += static_cast<double>(Load(base + s * C, c)) - center[c];
+      }
+    }
     GroupSums(d, sums, mean);
     for (int64_t g = 0; g < d.g; ++g) mean[g] = center[g * d.k] + mean[g] / count;
   }
-  for (int64_t g = 0; g < d.g; ++g) std::fill_n(center + g * d.k, d.k, static_cast<float>(mean[g]));
-  BlockedChannelSums(slice.begin, slice.end, C, scratch.block, sums, [&](int64_t s, int64_t c) {
-    const float v = Load(base + s * C, c) - center[c];
-    return v * v;
-  });
-  GroupSums(d, sums, m2);
-  for (int64_t g = 0; g < d.g; ++g) {
-    const double rounding = mean[g] - static_cast<double>(center[g * d.k]);  // sum (x - c)^2 = M2 + n (m - c)^2
-    m2[g] = std::max(0.0, m2[g] - count * rounding * rounding);
+  // The centered squares in double: their range (1e-90 to 1e77 for float data) is beyond float's.
+  scratch.channel_mean.resize(C);
+  double* channel_mean = scratch.channel_mean.data();
+  for (int64_t g = 0; g < d.g; ++g) std::fill_n(channel_mean + g * d.k, d.k, mean[g]);
+  std::fill_n(sums, C, 0.0);
+  for (int64_t s = slice.begin; s < slice.end; ++s) {
+    const T* row = base + s * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double v = Load(row, c) - channel_mean[c];
+      sums[c] += v * v;
+    }
   }
+  GroupSums(d, sums, m2);
 }
 
 // Per-(n, c) floats of per-(n, g) statistics: hi, lo and 1 / std.
