@@ -42,11 +42,8 @@ inline void Store(float* p, int64_t i, float value) { p[i] = value; }
 inline void Store(uint16_t* p, int64_t i, float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
-  if (std::isnan(f)) {
-    p[i] = static_cast<uint16_t>((bits >> 16) | 0x40);
-  } else {
-    p[i] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-  }
+  const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16, quiet_nan = (bits >> 16) | 0x40;
+  p[i] = static_cast<uint16_t>(f != f ? quiet_nan : rounded);  // a select, not a branch: the loops vectorize
 }
 
 struct Dims {
@@ -115,6 +112,22 @@ int64_t ChunkCount(const Dims& d, ffi::ThreadPool& pool) {
 
 inline int64_t Split(int64_t part, int64_t parts, int64_t total) { return total * part / parts; }
 
+// A sum over k < K of term(k): float lanes within runs of 128 elements, double across runs. Float doubles the
+// vector lanes; each float partial covers 16 terms per lane. For sums without cancellation (the backward pass).
+template <typename F>
+double RunSum(int64_t K, F&& term) {
+  constexpr int64_t kRun = 128;
+  double total = 0.0;
+  for (int64_t first = 0; first < K; first += kRun) {
+    const int64_t last = std::min(K, first + kRun);
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t k = first; k < last; ++k) part += term(k);
+    total += part;
+  }
+  return total;
+}
+
 template <typename T>
 void RowForward(const T* x, const float* scale, const float* bias, T* y, int64_t K, double eps, bool centered,
                 float* mean_out, float* std_out, float* var_out) {
@@ -137,21 +150,18 @@ void RowForward(const T* x, const float* scale, const float* bias, T* y, int64_t
 
 // dx of one row, and its dy * xhat and dy added to dscale and dbias.
 template <typename T, typename U>
-void RowBackward(const T* x, const float* mean, float std, const float* scale, const U* dy, T* dx, double* dscale,
-                 double* dbias, int64_t K, bool centered) {
+void RowBackward(const T* x, const float* mean, float std, const float* scale, const U* dy, T* dx, float* dscale,
+                 float* dbias, int64_t K, bool centered) {
   const float hi = mean[0], lo = mean[1], r = static_cast<float>(1.0 / std);
-  double sum_g = 0.0, sum_gx = 0.0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
+#pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
     const float grad = Load(dy, k);
-    const float xhat = (Load(x, k) - hi - lo) * r;
-    const float gs = grad * scale[k];
-    sum_g += gs;
-    sum_gx += gs * xhat;
-    dscale[k] += grad * xhat;
+    dscale[k] += grad * ((Load(x, k) - hi - lo) * r);
     dbias[k] += grad;
   }
-  const float a = centered ? static_cast<float>(sum_g / K) : 0.0f, b = static_cast<float>(sum_gx / K);
+  const double sum_g = centered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
+  const double sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * ((Load(x, k) - hi - lo) * r); });
+  const float a = static_cast<float>(sum_g / K), b = static_cast<float>(sum_gx / K);
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
     const float xhat = (Load(x, k) - hi - lo) * r;
@@ -178,11 +188,20 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, C = d.channels();
   std::vector<double> partial(2 * C * chunks, 0.0);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk) {
+    // dscale and dbias summed in float over blocks of 16 rows, then in double (as in BlockedChannelSums).
+    constexpr int64_t kBlock = 16;
     double* ds = partial.data() + 2 * C * chunk;
-    for (int64_t i = Split(chunk, chunks, rows); i < Split(chunk + 1, chunks, rows); ++i) {
+    std::vector<float> block(2 * C, 0.0f);
+    const int64_t begin = Split(chunk, chunks, rows), end = Split(chunk + 1, chunks, rows);
+    for (int64_t i = begin; i < end; ++i) {
       const int64_t c0 = (i % d.g) * d.k;
-      RowBackward(x + i * d.k, mean + 2 * i, std[i], scale + c0, dy + i * d.k, dx + i * d.k, ds + c0,
-                  ds + C + c0, d.k, centered);
+      RowBackward(x + i * d.k, mean + 2 * i, std[i], scale + c0, dy + i * d.k, dx + i * d.k, block.data() + c0,
+                  block.data() + C + c0, d.k, centered);
+      if ((i - begin + 1) % kBlock == 0 || i + 1 == end) {
+#pragma omp simd
+        for (int64_t c = 0; c < 2 * C; ++c) ds[c] += block[c];
+        std::fill(block.begin(), block.end(), 0.0f);
+      }
     }
   });
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
