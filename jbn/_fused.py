@@ -113,7 +113,8 @@ def standardize(x, scale, bias, plan: Layout, *, epsilon, centered):
     """`normalize`'s y, with the mean and (biased) variance per ``(n, g)``, shaped ``(plan.n, plan.g)``.
 
     Scale and bias go to the kernels per channel ``(G * K,)``, or per group ``(G,)`` where neither varies along
-    K (batch norm on channels-first data: one value per channel, not per pixel).
+    K (one value per channel of channels-first data, not one per pixel). x goes in its own shape, the view as
+    attributes: XLA:CPU copies a bfloat16 array to reshape it.
     """
     params = [v for v in (scale, bias) if v is not None]
     per_group = plan.k > 1 and all(size == 1 for v in params for size in v.shape[plan.runs_from :])
@@ -126,31 +127,34 @@ def standardize(x, scale, bias, plan: Layout, *, epsilon, centered):
         value = value.reshape(value.shape[plan.groups_from : until])
         return jnp.broadcast_to(value, shape).reshape(-1).astype(jnp.float32)
 
-    view = x.reshape(plan.n, plan.s, plan.g, plan.k)
-    y, mean, var = _standardize(view, entries(scale, 1.0), entries(bias, 0.0), np.float32(epsilon), centered)
-    return y.reshape(x.shape), mean, var
+    view = tuple(np.int64(size) for size in plan[:4])
+    return _standardize(x, entries(scale, 1.0), entries(bias, 0.0), np.float32(epsilon), centered, view)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _standardize(x, scale, bias, epsilon, centered):
-    y, mean, _, var = forward_p.bind(x, scale, bias, epsilon=epsilon, centered=centered)
+def _dims(view):
+    return dict(zip("nsgk", view, strict=True))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _standardize(x, scale, bias, epsilon, centered, view):
+    y, mean, _, var = forward_p.bind(x, scale, bias, epsilon=epsilon, centered=centered, **_dims(view))
     return y, mean[..., 0] + mean[..., 1], var
 
 
 @_standardize.defjvp
-def _standardize_jvp(epsilon, centered, primals, tangents):
+def _standardize_jvp(epsilon, centered, view, primals, tangents):
     x, scale, bias = primals
-    dx = tangents[0]
-    y, mean, std, var = forward_p.bind(x, scale, bias, epsilon=epsilon, centered=centered)
-    dy = tangent_p.bind(x, mean, std, scale, *tangents, centered=centered)
-    wide = dx.astype(jnp.float32)
-    dmean = jnp.mean(wide, _AXES) if centered else jnp.zeros_like(var)
-    dvar = 2 * jnp.mean(_centered(x, mean) * wide, _AXES)
+    dims = _dims(view)
+    y, mean, std, var = forward_p.bind(x, scale, bias, epsilon=epsilon, centered=centered, **dims)
+    dy = tangent_p.bind(x, mean, std, scale, *tangents, centered=centered, **dims)
+    dx = tangents[0].reshape(view).astype(jnp.float32)
+    dmean = jnp.mean(dx, _AXES) if centered else jnp.zeros_like(var)
+    dvar = 2 * jnp.mean(_centered(x.reshape(view), mean) * dx, _AXES)
     return (y, mean[..., 0] + mean[..., 1], var), (dy, dmean, dvar)
 
 
-# The plain-JAX twins. mean is (N, G, 2): hi + lo, the mean to about twice float32's precision; std is (N, G);
-# scale, bias, dscale and dbias are (G * K,).
+# The plain-JAX twins, on the (N, S, G, K) view. mean is (N, G, 2): hi + lo, the mean to about twice float32's
+# precision; std and var are (N, G); scale, bias, dscale and dbias are (G * K,) or (G,).
 
 
 def _group(statistic):
@@ -166,32 +170,36 @@ def _centered(x, mean):
     return x.astype(jnp.float32) - _group(mean[..., 0]) - _group(mean[..., 1])
 
 
-def _reference_forward(x, scale, bias, *, epsilon, centered):
-    wide = x.astype(jnp.float32)
-    hi = jnp.mean(wide, _AXES) if centered else jnp.zeros((x.shape[0], x.shape[2]))
+def _reference_forward(x, scale, bias, *, epsilon, centered, n, s, g, k):
+    view = x.reshape(n, s, g, k)
+    wide = view.astype(jnp.float32)
+    hi = jnp.mean(wide, _AXES) if centered else jnp.zeros((n, g))
     lo = jnp.mean(wide - _group(hi), _AXES) if centered else hi  # what rounding hi lost
     mean = jnp.stack([hi, lo], axis=-1)
-    deviation = _centered(x, mean)
+    deviation = _centered(view, mean)
     var = jnp.mean(jnp.square(deviation), _AXES)
     std = jnp.sqrt(var + epsilon)
-    y = deviation / _group(std) * _channel(x, scale) + _channel(x, bias)
-    return y.astype(x.dtype), mean, std, var
+    y = deviation / _group(std) * _channel(view, scale) + _channel(view, bias)
+    return y.astype(x.dtype).reshape(x.shape), mean, std, var
 
 
-def _reference_tangent(x, mean, std, scale, dx, dscale, dbias, *, centered):
-    xhat, dx = _centered(x, mean) / _group(std), dx.astype(jnp.float32)
+def _reference_tangent(x, mean, std, scale, dx, dscale, dbias, *, centered, n, s, g, k):
+    view = x.reshape(n, s, g, k)
+    xhat, dx = _centered(view, mean) / _group(std), dx.reshape(view.shape).astype(jnp.float32)
     dmean = jnp.mean(dx, _AXES, keepdims=True) if centered else 0.0
-    dy = _channel(x, scale) / _group(std) * (dx - dmean - xhat * jnp.mean(dx * xhat, _AXES, keepdims=True))
-    return (dy + _channel(x, dscale) * xhat + _channel(x, dbias)).astype(x.dtype)
+    dy = _channel(view, scale) / _group(std) * (dx - dmean - xhat * jnp.mean(dx * xhat, _AXES, keepdims=True))
+    return (dy + _channel(view, dscale) * xhat + _channel(view, dbias)).astype(x.dtype).reshape(x.shape)
 
 
-def _reference_backward(x, mean, std, scale, dy, *, centered):
-    xhat, dy = _centered(x, mean) / _group(std), dy.astype(jnp.float32)
-    g = dy * _channel(x, scale)
-    mean_g = jnp.mean(g, _AXES, keepdims=True) if centered else 0.0
-    dx = (g - mean_g - xhat * jnp.mean(g * xhat, _AXES, keepdims=True)) / _group(std)
-    axes = (0, 1) if scale.size == x.shape[2] * x.shape[3] else (0, 1, 3)
-    return dx.astype(x.dtype), jnp.sum(dy * xhat, axes).reshape(-1), jnp.sum(dy, axes).reshape(-1)
+def _reference_backward(x, mean, std, scale, dy, *, centered, n, s, g, k):
+    view = x.reshape(n, s, g, k)
+    xhat, dy = _centered(view, mean) / _group(std), dy.reshape(view.shape).astype(jnp.float32)
+    grad = dy * _channel(view, scale)
+    mean_grad = jnp.mean(grad, _AXES, keepdims=True) if centered else 0.0
+    dx = (grad - mean_grad - xhat * jnp.mean(grad * xhat, _AXES, keepdims=True)) / _group(std)
+    axes = (0, 1) if scale.size == g * k else (0, 1, 3)
+    dscale, dbias = jnp.sum(dy * xhat, axes).reshape(-1), jnp.sum(dy, axes).reshape(-1)
+    return dx.astype(x.dtype).reshape(x.shape), dscale, dbias
 
 
 # Primitives.
@@ -226,50 +234,48 @@ tangent_p = _primitive("norm_tangent", _reference_tangent, multiple_results=Fals
 backward_p = _primitive("norm_backward", _reference_backward, multiple_results=True)
 
 
-def _statistics_avals(x):
-    groups = (x.shape[0], x.shape[2])
-    per_group = jax.core.ShapedArray(groups, jnp.float32)
-    return jax.core.ShapedArray((*groups, 2), jnp.float32), per_group, per_group
+def _forward_avals(x, scale, bias, *, n, g, **_):
+    per_group = jax.core.ShapedArray((n, g), jnp.float32)
+    return x, jax.core.ShapedArray((n, g, 2), jnp.float32), per_group, per_group
 
 
-forward_p.def_abstract_eval(lambda x, scale, bias, **_: (x, *_statistics_avals(x)))
+forward_p.def_abstract_eval(_forward_avals)
 tangent_p.def_abstract_eval(lambda x, *_, **__: x)
 backward_p.def_abstract_eval(lambda x, mean, std, scale, dy, **_: (x, scale, scale))
 mlir.register_lowering(forward_p, jax.ffi.ffi_lowering("jbn_norm_forward"), platform="cpu")
 mlir.register_lowering(backward_p, jax.ffi.ffi_lowering("jbn_norm_backward"), platform="cpu")
 
 
-def _forward_batched(args, dims, *, epsilon, centered):
+def _forward_batched(args, dims, *, n, **params):
     """vmap over x alone folds the mapped axis into N; anything else maps the twin."""
     x, scale, bias = args
     if dims[1] is not None or dims[2] is not None:
-        out = jax.vmap(functools.partial(_reference_forward, epsilon=epsilon, centered=centered), in_axes=dims)(*args)
+        out = jax.vmap(functools.partial(_reference_forward, n=n, **params), in_axes=dims)(*args)
         return out, (0,) * 4
     x = jnp.moveaxis(x, dims[0], 0)
-    folded = x.reshape(-1, *x.shape[2:])
-    y, *statistics = forward_p.bind(folded, scale, bias, epsilon=epsilon, centered=centered)
-    return (y.reshape(x.shape), *(v.reshape(*x.shape[:2], *v.shape[1:]) for v in statistics)), (0,) * 4
+    y, *statistics = forward_p.bind(x, scale, bias, n=np.int64(x.shape[0] * n), **params)
+    return (y, *(v.reshape(x.shape[0], n, *v.shape[1:]) for v in statistics)), (0,) * 4
 
 
 batching.primitive_batchers[forward_p] = _forward_batched
 
 
-def _tangent_transpose(cotangent, x, mean, std, scale, dx, dscale, dbias, *, centered):
+def _tangent_transpose(cotangent, x, mean, std, scale, dx, dscale, dbias, **params):
     if any(ad.is_undefined_primal(v) for v in (x, mean, std, scale)):
         raise NotImplementedError("jbn: the normalization's tangent is linear in (dx, dscale, dbias) only")
     if type(cotangent) is ad.Zero:
         return [None] * 7
-    grads = backward_p.bind(x, mean, std, scale, cotangent, centered=centered)
+    grads = backward_p.bind(x, mean, std, scale, cotangent, **params)
     linear = (dx, dscale, dbias)
     return [None] * 4 + [g if ad.is_undefined_primal(v) else None for g, v in zip(grads, linear, strict=True)]
 
 
-def _backward_transpose(cotangents, x, mean, std, scale, dy, *, centered):
+def _backward_transpose(cotangents, x, mean, std, scale, dy, **params):
     if any(ad.is_undefined_primal(v) for v in (x, mean, std, scale)):
         raise NotImplementedError("jbn: the normalization's backward pass is linear in dy only")
     shapes = ((x.shape, x.dtype), (scale.shape, jnp.float32), (scale.shape, jnp.float32))
     cotangents = [jnp.zeros(*spec) if type(c) is ad.Zero else c for c, spec in zip(cotangents, shapes, strict=True)]
-    return [None] * 4 + [tangent_p.bind(x, mean, std, scale, *cotangents, centered=centered)]
+    return [None] * 4 + [tangent_p.bind(x, mean, std, scale, *cotangents, **params)]
 
 
 ad.primitive_transposes[tangent_p] = _tangent_transpose

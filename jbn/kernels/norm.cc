@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -543,9 +544,10 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
 
 // ---- Entry points. ----
 
-Dims DimsOf(const ffi::AnyBuffer& x) {
-  auto dims = x.dimensions();
-  return Dims{dims[0], dims[1], dims[2], dims[3]};
+// x comes in its own shape (a reshape would cost XLA a copy for bfloat16); its view is given as attributes.
+std::optional<Dims> DimsOf(const ffi::AnyBuffer& x, int64_t n, int64_t s, int64_t g, int64_t k) {
+  if (n < 0 || s < 1 || g < 1 || k < 1 || n * s * g * k != static_cast<int64_t>(x.element_count())) return {};
+  return Dims{n, s, g, k};
 }
 
 // Scale and bias come per channel (C) or per group (G, constant along K). Per group is kept only for long runs
@@ -610,10 +612,13 @@ bool IsF32(const ffi::AnyBuffer& b) { return b.element_type() == ffi::DataType::
 bool IsBF16(const ffi::AnyBuffer& b) { return b.element_type() == ffi::DataType::BF16; }
 
 ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
-                          ffi::Buffer<ffi::F32> bias, float eps, bool centered, ffi::Result<ffi::AnyBuffer> y,
+                          ffi::Buffer<ffi::F32> bias, float eps, bool centered, int64_t n, int64_t s, int64_t g,
+                          int64_t k, ffi::Result<ffi::AnyBuffer> y,
                           ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> std,
                           ffi::ResultBuffer<ffi::F32> var) {
-  const Dims d = DimsOf(x);
+  const std::optional<Dims> view = DimsOf(x, n, s, g, k);
+  if (!view) return ffi::Error::InvalidArgument("jbn: the view (n, s, g, k) does not match x's size");
+  const Dims d = *view;
   const Statistics out{mean->typed_data(), std->typed_data(), var->typed_data()};
   const int64_t size = static_cast<int64_t>(scale.element_count());
   if ((size != d.channels() && size != d.g) || static_cast<int64_t>(bias.element_count()) != size) {
@@ -651,9 +656,11 @@ ffi::Error BackwardFor(ffi::ThreadPool& pool, const Dims& d, const ffi::AnyBuffe
 
 ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
                            ffi::Buffer<ffi::F32> std, ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, bool centered,
-                           ffi::Result<ffi::AnyBuffer> dx, ffi::ResultBuffer<ffi::F32> dscale,
-                           ffi::ResultBuffer<ffi::F32> dbias) {
-  const Dims d = DimsOf(x);
+                           int64_t n, int64_t s, int64_t g, int64_t k, ffi::Result<ffi::AnyBuffer> dx,
+                           ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias) {
+  const std::optional<Dims> view = DimsOf(x, n, s, g, k);
+  if (!view) return ffi::Error::InvalidArgument("jbn: the view (n, s, g, k) does not match x's size");
+  const Dims d = *view;
   if (x.element_type() != dx->element_type()) return ffi::Error::InvalidArgument("jbn: x and dx dtypes differ");
   const int64_t size = static_cast<int64_t>(scale.element_count());
   if (size != d.channels() && size != d.g) {
@@ -680,6 +687,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormForward, ForwardHandler,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("epsilon")
                                   .Attr<bool>("centered")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("s")
+                                  .Attr<int64_t>("g")
+                                  .Attr<int64_t>("k")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -694,6 +705,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormBackward, BackwardHandler,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<bool>("centered")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("s")
+                                  .Attr<int64_t>("g")
+                                  .Attr<int64_t>("k")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
