@@ -3,9 +3,9 @@
 // x is viewed as (N, S, G, K): statistics per (n, g) over S and K, scale and bias per channel c = g * K + k.
 // Layer/RMS norm over the last axis is (rows, 1, 1, features); instance norm (N, H*W, C, 1); group norm
 // (N, H*W, groups, C / groups); statistics over (T, C) with scale over C, (N, T, 1, C).
-// Sums are taken in double, one pass per sum (the mean, then the centered squares), so the statistics are
-// two-pass exact whatever the offset of the data. The mean is handed on as two floats, hi + lo, so that
-// x - hi - lo keeps its precision. Work is split over examples, and over rows of S where there are few examples,
+// The statistics are shifted sums in double (the shift one of the data: see SliceMoments), exact whatever the
+// offset or magnitude of float data. The mean is handed on as two floats, hi + lo, so that x - hi - lo keeps
+// its precision. Work is split over examples, and over rows of S where there are few examples,
 // on XLA's intra-op thread pool in a fixed partition: results do not depend on thread timing.
 //
 //   forward:  per (n, g): mean, var, std = sqrt(var + eps);  y = (x - mean) / std * scale + bias
@@ -132,19 +132,19 @@ double RunSum(int64_t K, F&& term) {
 template <typename T>
 void RowForward(const T* x, const float* scale, const float* bias, T* y, int64_t K, double eps, bool centered,
                 float* mean_out, float* std_out, float* var_out) {
+  // One pass of d = x - shift and d^2 in double, the shift being the first element (see ShiftedMoments).
+  const double shift = centered ? Load(x, 0) : 0.0;
   double sum = 0.0, sq = 0.0;
-  if (centered) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t k = 0; k < K; ++k) sum += Load(x, k);
-  }
-  const double m = sum / K;
-#pragma omp simd reduction(+ : sq)
+#pragma omp simd reduction(+ : sum, sq)
   for (int64_t k = 0; k < K; ++k) {
-    const double v = Load(x, k) - m;
+    const double v = Load(x, k) - shift;
+    sum += v;
     sq += v * v;
   }
-  SetStatistics(m, sq / K, eps, mean_out, std_out, var_out);
-  const float hi = mean_out[0], lo = mean_out[1], r = static_cast<float>(1.0 / std::sqrt(sq / K + eps));
+  const double m = centered ? shift + sum / K : 0.0;
+  const double var = centered ? std::max(0.0, (sq - sum * (sum / K)) / K) : sq / K;
+  SetStatistics(m, var, eps, mean_out, std_out, var_out);
+  const float hi = mean_out[0], lo = mean_out[1], r = static_cast<float>(1.0 / std::sqrt(var + eps));
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) Store(y, k, (Load(x, k) - hi - lo) * r * scale[k] + bias[k]);
 }
@@ -189,7 +189,7 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, C = d.channels();
   std::vector<double> partial(2 * C * chunks, 0.0);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk) {
-    // dscale and dbias summed in float over blocks of 16 rows, then in double (as in BlockedChannelSums).
+    // dscale and dbias summed in float over blocks of 16 rows, then in double: float speed, double's reach.
     constexpr int64_t kBlock = 16;
     double* ds = partial.data() + 2 * C * chunk;
     std::vector<float> block(2 * C, 0.0f);
@@ -215,9 +215,9 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
 
 // ---- Planes (S > 1): rows of C channels, split into tasks (one example's slice of rows, about 64K elements). ----
 //
-// Each task takes its slice's mean first and its centered squares second, while the slice is in cache; slices
-// are pooled with Chan's formula (M2 = sum of M2_t + n_t (mean_t - mean)^2), which is exact. Short runs (K < 16:
-// channels last) are summed per channel, vectorized across C; long runs (channels first) in registers per run.
+// Each task sums its slice's shifted moments in one pass; slices are pooled with Chan's formula
+// (M2 = sum of M2_t + n_t (mean_t - mean)^2), which is exact. Short runs (K < 16: channels last) are summed per
+// channel, vectorized across C; long runs in registers per run.
 
 struct Tasks {
   int64_t per_example, count;
@@ -248,125 +248,131 @@ struct Affine {
   float ScaleAt(int64_t g, int64_t k, int64_t K) const { return per_group ? scale[g] : scale[g * K + k]; }
 };
 
-// Adds per-channel values (C) into their groups (G).
-void GroupSums(const Dims& d, const double* channel, double* group) {
-  for (int64_t g = 0; g < d.g; ++g) {
-    double total = 0.0;
-    for (int64_t k = 0; k < d.k; ++k) total += channel[g * d.k + k];
-    group[g] += total;
-  }
-}
-
-// Per-channel sums over rows of f(row, c), in float for blocks of 16 rows and in double across blocks: float
-// speed (twice the lanes), and each float sum covers 16 terms of similar size, so nothing is lost that matters.
-template <typename F>
-void BlockedChannelSums(int64_t begin, int64_t end, int64_t C, std::vector<float>& block, double* sums, F&& term) {
-  constexpr int64_t kBlock = 16;
-  block.resize(C);
-  std::fill_n(sums, C, 0.0);
-  float* b = block.data();
-  for (int64_t first = begin; first < end; first += kBlock) {
-    std::fill_n(b, C, 0.0f);
-    for (int64_t s = first; s < std::min(end, first + kBlock); ++s) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) b[c] += term(s, c);
-    }
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) sums[c] += b[c];
-  }
-}
-
 struct SliceScratch {
-  std::vector<double> channel, channel_mean;
-  std::vector<float> block, center;
+  std::vector<double> channel, shift;
 };
 
-// Per group of one slice: mean (double) and centered sum of squares, two-pass. Short runs are summed per channel,
-// long runs in double registers per run.
+// Per group of one slice: mean and centered sum of squares, in one pass over d = x - shift in double, the shift
+// being the group's first element in the slice: M2 = sum d^2 - (sum d)^2 / n. As the shift is one of the data,
+// (mean - shift)^2 <= n var, so the subtraction loses at most a factor n of double's 2^-53: below 1e-11 for a
+// slice (at most 64K elements). Short runs are summed per channel, long runs in registers per run.
 template <typename T>
 void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, double* mean, double* m2,
                   SliceScratch& scratch) {
   const int64_t C = d.channels(), count = (slice.end - slice.begin) * d.k;
   const T* base = x + slice.n * d.example();
-  std::fill_n(mean, d.g, 0.0);
-  std::fill_n(m2, d.g, 0.0);
+  std::vector<double>& shift = scratch.shift;
+  shift.resize(C);
+  for (int64_t g = 0; g < d.g; ++g) {
+    std::fill_n(shift.data() + g * d.k, d.k, centered ? static_cast<double>(Load(base + slice.begin * C, g * d.k)) : 0.0);
+  }
+  std::vector<double>& sums = scratch.channel;
+  sums.assign(2 * C, 0.0);
+  double *sum = sums.data(), *sq = sum + C;
   if (d.k >= 16) {
-    for (int64_t s = slice.begin; centered && s < slice.end; ++s) {
-      for (int64_t g = 0; g < d.g; ++g) {
-        const T* run = base + s * C + g * d.k;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < d.k; ++k) sum += Load(run, k);
-        mean[g] += sum;
-      }
-    }
-    for (int64_t g = 0; centered && g < d.g; ++g) mean[g] /= count;
     for (int64_t s = slice.begin; s < slice.end; ++s) {
       for (int64_t g = 0; g < d.g; ++g) {
         const T* run = base + s * C + g * d.k;
-        const double m = mean[g];
-        double sq = 0.0;
-#pragma omp simd reduction(+ : sq)
+        const double c = shift[g * d.k];
+        double run_sum = 0.0, run_sq = 0.0;
+#pragma omp simd reduction(+ : run_sum, run_sq)
         for (int64_t k = 0; k < d.k; ++k) {
-          const double v = Load(run, k) - m;
-          sq += v * v;
+          const double v = Load(run, k) - c;
+          run_sum += v;
+          run_sq += v * v;
         }
-        m2[g] += sq;
+        sum[g * d.k] += run_sum;
+        sq[g * d.k] += run_sq;
       }
     }
-    return;
-  }
-  scratch.channel.resize(C);
-  scratch.center.resize(C);
-  double* sums = scratch.channel.data();
-  float* center = scratch.center.data();
-  if (centered) {
-    // Relative to a shift (the group's first element), in float blocks; in double where that overflowed (data
-    // spanning more than float's range), which gives the same NaN again where the data hold a NaN.
-    for (int64_t g = 0; g < d.g; ++g) std::fill_n(center + g * d.k, d.k, Load(base + slice.begin * C, g * d.k));
-    BlockedChannelSums(slice.begin, slice.end, C, scratch.block, sums,
-                       [&](int64_t s, int64_t c) { return Load(base + s * C, c) - center[c]; });
-    if (!std::all_of(sums, sums + C, [](double v) { return std::isfinite(v); })) {
-      std::fill_n(sums, C, 0.0);
-      for (int64_t s = slice.begin; s < slice.end; ++s) {
+  } else {
+    const double* c = shift.data();
+    for (int64_t s = slice.begin; s < slice.end; ++s) {
+      const T* row = base + s * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sums[c] += static_cast<double>(Load(base + s * C, c)) - center[c];
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const double v = Load(row, ch) - c[ch];
+        sum[ch] += v;
+        sq[ch] += v * v;
       }
     }
-    GroupSums(d, sums, mean);
-    for (int64_t g = 0; g < d.g; ++g) mean[g] = center[g * d.k] + mean[g] / count;
   }
-  // The centered squares in double: their range (1e-90 to 1e77 for float data) is beyond float's.
-  scratch.channel_mean.resize(C);
-  double* channel_mean = scratch.channel_mean.data();
-  for (int64_t g = 0; g < d.g; ++g) std::fill_n(channel_mean + g * d.k, d.k, mean[g]);
-  std::fill_n(sums, C, 0.0);
-  for (int64_t s = slice.begin; s < slice.end; ++s) {
-    const T* row = base + s * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const double v = Load(row, c) - channel_mean[c];
-      sums[c] += v * v;
+  for (int64_t g = 0; g < d.g; ++g) {
+    double group_sum = 0.0, group_sq = 0.0;
+    for (int64_t k = 0; k < d.k; ++k) {
+      group_sum += sum[g * d.k + k];
+      group_sq += sq[g * d.k + k];
     }
+    mean[g] = shift[g * d.k] + group_sum / count;
+    m2[g] = centered ? std::max(0.0, group_sq - group_sum * (group_sum / count)) : group_sq;
   }
-  GroupSums(d, sums, m2);
 }
 
 // Per-(n, c) floats of per-(n, g) statistics: hi, lo and 1 / std.
 struct ChannelStatistics {
   std::vector<float> hi, lo, inv;
-  void Fill(const Dims& d, const float* mean, const float* std) {
+  void Resize(const Dims& d) {
     const int64_t size = d.n * d.channels();
     hi.resize(size);
     lo.resize(size);
     inv.resize(size);
-    for (int64_t i = 0; i < d.n * d.g; ++i) {
+  }
+  void FillExample(const Dims& d, int64_t n, const float* mean, const float* std) {
+    for (int64_t i = n * d.g; i < (n + 1) * d.g; ++i) {
       std::fill_n(hi.data() + i * d.k, d.k, mean[2 * i]);
       std::fill_n(lo.data() + i * d.k, d.k, mean[2 * i + 1]);
       std::fill_n(inv.data() + i * d.k, d.k, static_cast<float>(1.0 / std[i]));
     }
   }
+  void Fill(const Dims& d, const float* mean, const float* std) {
+    Resize(d);
+    for (int64_t n = 0; n < d.n; ++n) FillExample(d, n, mean, std);
+  }
 };
+
+// The statistics of example n from its slices' means and centered sums of squares (Chan's formula, in order).
+void PoolExample(const Dims& d, const Tasks& tasks, int64_t n, const double* means, const double* m2s, double eps,
+                 Statistics out) {
+  const double count = static_cast<double>(d.s * d.k);
+  for (int64_t g = 0; g < d.g; ++g) {
+    double total = 0.0, m2 = 0.0;
+    for (int64_t t = n * tasks.per_example; t < (n + 1) * tasks.per_example; ++t) {
+      const Slice slice = SliceOf(d, tasks, t);
+      total += static_cast<double>((slice.end - slice.begin) * d.k) * means[t * d.g + g];
+    }
+    const double mean = total / count;
+    for (int64_t t = n * tasks.per_example; t < (n + 1) * tasks.per_example; ++t) {
+      const Slice slice = SliceOf(d, tasks, t);
+      const double shift = means[t * d.g + g] - mean;
+      m2 += m2s[t * d.g + g] + static_cast<double>((slice.end - slice.begin) * d.k) * shift * shift;
+    }
+    const int64_t i = n * d.g + g;
+    SetStatistics(mean, m2 / count, eps, out.mean + 2 * i, out.std + i, out.var + i);
+  }
+}
+
+// y for the rows of one slice, from its example's per-channel hi, lo and 1 / std.
+template <typename T>
+void SliceOutput(const Dims& d, const T* x, const Affine& affine, T* y, const Slice& slice, const float* h,
+                 const float* l, const float* r) {
+  const int64_t C = d.channels();
+  for (int64_t s = slice.begin; s < slice.end; ++s) {
+    const T* row = x + (slice.n * d.s + s) * C;
+    T* result = y + (slice.n * d.s + s) * C;
+    if (affine.per_group) {
+      for (int64_t g = 0; g < d.g; ++g) {
+        const int64_t c0 = g * d.k;
+        const float hg = h[c0], lg = l[c0], a = r[c0] * affine.scale[g], b = affine.bias[g];
+#pragma omp simd
+        for (int64_t k = 0; k < d.k; ++k) Store(result, c0 + k, (Load(row, c0 + k) - hg - lg) * a + b);
+      }
+    } else {
+      const float *sc = affine.scale, *bi = affine.bias;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) Store(result, c, (Load(row, c) - h[c] - l[c]) * r[c] * sc[c] + bi[c]);
+    }
+  }
+}
 
 template <typename T>
 void PlanesForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine& affine, T* y, Statistics out,
@@ -374,53 +380,42 @@ void PlanesForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affin
   const int64_t C = d.channels();
   const Tasks tasks = PlaneTasks(d, pool);
   std::vector<double> means(tasks.count * d.g), m2s(tasks.count * d.g);
+  ChannelStatistics stats;
+  stats.Resize(d);
+  // One task per example: its statistics and y at once, while the example is in cache.
+  const bool whole = tasks.per_example == 1;
   Parallel::For(pool, tasks.count, [&](int64_t t) {
     SliceScratch scratch;
-    SliceMoments(d, x, SliceOf(d, tasks, t), centered, means.data() + t * d.g, m2s.data() + t * d.g, scratch);
-  });
-  std::vector<double> counts(tasks.per_example);  // elements per slice of an example
-  for (int64_t part = 0; part < tasks.per_example; ++part) {
-    const Slice slice = SliceOf(d, tasks, part);
-    counts[part] = static_cast<double>((slice.end - slice.begin) * d.k);
-  }
-  const double count = static_cast<double>(d.s * d.k);
-  for (int64_t n = 0; n < d.n; ++n) {
-    for (int64_t g = 0; g < d.g; ++g) {
-      const int64_t first = n * tasks.per_example;
-      double total = 0.0, m2 = 0.0;
-      for (int64_t part = 0; part < tasks.per_example; ++part) total += counts[part] * means[(first + part) * d.g + g];
-      const double mean = total / count;
-      for (int64_t part = 0; part < tasks.per_example; ++part) {
-        const double shift = means[(first + part) * d.g + g] - mean;
-        m2 += m2s[(first + part) * d.g + g] + counts[part] * shift * shift;
-      }
-      const int64_t i = n * d.g + g;
-      SetStatistics(mean, m2 / count, eps, out.mean + 2 * i, out.std + i, out.var + i);
+    const Slice slice = SliceOf(d, tasks, t);
+    SliceMoments(d, x, slice, centered, means.data() + t * d.g, m2s.data() + t * d.g, scratch);
+    if (whole) {
+      PoolExample(d, tasks, slice.n, means.data(), m2s.data(), eps, out);
+      stats.FillExample(d, slice.n, out.mean, out.std);
+      const int64_t o = slice.n * C;
+      SliceOutput(d, x, affine, y, slice, stats.hi.data() + o, stats.lo.data() + o, stats.inv.data() + o);
     }
+  });
+  if (whole) return;
+  for (int64_t n = 0; n < d.n; ++n) {
+    PoolExample(d, tasks, n, means.data(), m2s.data(), eps, out);
+    stats.FillExample(d, n, out.mean, out.std);
   }
-  ChannelStatistics stats;
-  stats.Fill(d, out.mean, out.std);
   Parallel::For(pool, tasks.count, [&](int64_t t) {
     const Slice slice = SliceOf(d, tasks, t);
     const int64_t o = slice.n * C;
-    const float *h = stats.hi.data() + o, *l = stats.lo.data() + o, *r = stats.inv.data() + o;
-    for (int64_t s = slice.begin; s < slice.end; ++s) {
-      const T* row = x + (slice.n * d.s + s) * C;
-      T* result = y + (slice.n * d.s + s) * C;
-      if (affine.per_group) {
-        for (int64_t g = 0; g < d.g; ++g) {
-          const int64_t c0 = g * d.k;
-          const float hg = h[c0], lg = l[c0], a = r[c0] * affine.scale[g], b = affine.bias[g];
-#pragma omp simd
-          for (int64_t k = 0; k < d.k; ++k) Store(result, c0 + k, (Load(row, c0 + k) - hg - lg) * a + b);
-        }
-      } else {
-        const float *sc = affine.scale, *bi = affine.bias;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) Store(result, c, (Load(row, c) - h[c] - l[c]) * r[c] * sc[c] + bi[c]);
-      }
-    }
+    SliceOutput(d, x, affine, y, slice, stats.hi.data() + o, stats.lo.data() + o, stats.inv.data() + o);
   });
+}
+
+// dscale and dbias: the per-task sums in task order.
+void Totals(const Dims& d, const Tasks& tasks, const std::vector<double>& partial, int64_t stride, int64_t params,
+            double* dscale, double* dbias) {
+  for (int64_t t = 0; t < tasks.count; ++t) {
+    for (int64_t p = 0; p < params; ++p) {
+      dscale[p] += partial[t * stride + 2 * d.g + p];
+      dbias[p] += partial[t * stride + 2 * d.g + params + p];
+    }
+  }
 }
 
 // Reverse mode over planes: per task, the sums of g = dy * scale and g * xhat per group, and of dy * xhat and dy
@@ -435,6 +430,49 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
   // Per task: [sum g, sum g xhat] per group, then [sum dy xhat, sum dy] per scale entry.
   const int64_t stride = 2 * d.g + 2 * params;
   std::vector<double> partial(tasks.count * stride, 0.0);
+  std::vector<float> a(d.n * C), b(d.n * C);
+  // Per channel of example n: <g> and <g xhat> of its group, from its slices' sums in order.
+  auto coefficients = [&](int64_t n) {
+    for (int64_t g = 0; g < d.g; ++g) {
+      double total_g = 0.0, total_gx = 0.0;
+      for (int64_t t = n * tasks.per_example; t < (n + 1) * tasks.per_example; ++t) {
+        total_g += partial[t * stride + g];
+        total_gx += partial[t * stride + d.g + g];
+      }
+      std::fill_n(a.data() + (n * d.g + g) * d.k, d.k, centered ? static_cast<float>(total_g / count) : 0.0f);
+      std::fill_n(b.data() + (n * d.g + g) * d.k, d.k, static_cast<float>(total_gx / count));
+    }
+  };
+  auto slice_dx = [&](const Slice& slice) {
+    const int64_t o = slice.n * C;
+    const float *h = stats.hi.data() + o, *l = stats.lo.data() + o, *r = stats.inv.data() + o;
+    const float *an = a.data() + o, *bn = b.data() + o;
+    for (int64_t s = slice.begin; s < slice.end; ++s) {
+      const T* row = x + (slice.n * d.s + s) * C;
+      const U* grad = dy + (slice.n * d.s + s) * C;
+      T* result = dx + (slice.n * d.s + s) * C;
+      if (affine.per_group) {
+        for (int64_t g = 0; g < d.g; ++g) {
+          const int64_t c0 = g * d.k;
+          const float hg = h[c0], lg = l[c0], rg = r[c0], sg = affine.scale[g], ag = an[c0], bg = bn[c0];
+#pragma omp simd
+          for (int64_t k = 0; k < d.k; ++k) {
+            const float xhat = (Load(row, c0 + k) - hg - lg) * rg;
+            Store(result, c0 + k, rg * (Load(grad, c0 + k) * sg - ag - xhat * bg));
+          }
+        }
+      } else {
+        const float* sc = affine.scale;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float xhat = (Load(row, c) - h[c] - l[c]) * r[c];
+          Store(result, c, r[c] * (Load(grad, c) * sc[c] - an[c] - xhat * bn[c]));
+        }
+      }
+    }
+  };
+  // One task per example: dx right after the example's sums, while it is in cache.
+  const bool whole = tasks.per_example == 1;
   Parallel::For(pool, tasks.count, [&](int64_t t) {
     const Slice slice = SliceOf(d, tasks, t);
     double* sum_g = partial.data() + t * stride;
@@ -462,7 +500,7 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
         }
       }
     } else {
-      // Both sums in one pass, in float for blocks of rows (as in BlockedChannelSums).
+      // Both sums in one pass, in float over blocks of 16 rows, then in double.
       constexpr int64_t kBlock = 16;
       std::vector<float> block(2 * C);
       float *b_dy = block.data(), *b_dyx = b_dy + C;
@@ -492,54 +530,15 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
         sum_gx[g] += affine.scale[p] * sum_dyx[p];
       }
     }
-  });
-  std::vector<float> a(d.n * C), b(d.n * C);
-  for (int64_t n = 0; n < d.n; ++n) {
-    for (int64_t g = 0; g < d.g; ++g) {
-      double total_g = 0.0, total_gx = 0.0;
-      for (int64_t t = n * tasks.per_example; t < (n + 1) * tasks.per_example; ++t) {
-        total_g += partial[t * stride + g];
-        total_gx += partial[t * stride + d.g + g];
-      }
-      std::fill_n(a.data() + (n * d.g + g) * d.k, d.k, centered ? static_cast<float>(total_g / count) : 0.0f);
-      std::fill_n(b.data() + (n * d.g + g) * d.k, d.k, static_cast<float>(total_gx / count));
-    }
-  }
-  for (int64_t t = 0; t < tasks.count; ++t) {
-    for (int64_t p = 0; p < params; ++p) {
-      dscale[p] += partial[t * stride + 2 * d.g + p];
-      dbias[p] += partial[t * stride + 2 * d.g + params + p];
-    }
-  }
-  Parallel::For(pool, tasks.count, [&](int64_t t) {
-    const Slice slice = SliceOf(d, tasks, t);
-    const int64_t o = slice.n * C;
-    const float *h = stats.hi.data() + o, *l = stats.lo.data() + o, *r = stats.inv.data() + o;
-    const float *an = a.data() + o, *bn = b.data() + o;
-    for (int64_t s = slice.begin; s < slice.end; ++s) {
-      const T* row = x + (slice.n * d.s + s) * C;
-      const U* grad = dy + (slice.n * d.s + s) * C;
-      T* result = dx + (slice.n * d.s + s) * C;
-      if (affine.per_group) {
-        for (int64_t g = 0; g < d.g; ++g) {
-          const int64_t c0 = g * d.k;
-          const float hg = h[c0], lg = l[c0], rg = r[c0], sg = affine.scale[g], ag = an[c0], bg = bn[c0];
-#pragma omp simd
-          for (int64_t k = 0; k < d.k; ++k) {
-            const float xhat = (Load(row, c0 + k) - hg - lg) * rg;
-            Store(result, c0 + k, rg * (Load(grad, c0 + k) * sg - ag - xhat * bg));
-          }
-        }
-      } else {
-        const float* sc = affine.scale;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float xhat = (Load(row, c) - h[c] - l[c]) * r[c];
-          Store(result, c, r[c] * (Load(grad, c) * sc[c] - an[c] - xhat * bn[c]));
-        }
-      }
+    if (whole) {
+      coefficients(slice.n);
+      slice_dx(slice);
     }
   });
+  if (whole) return Totals(d, tasks, partial, stride, params, dscale, dbias);
+  for (int64_t n = 0; n < d.n; ++n) coefficients(n);
+  Totals(d, tasks, partial, stride, params, dscale, dbias);
+  Parallel::For(pool, tasks.count, [&](int64_t t) { slice_dx(SliceOf(d, tasks, t)); });
 }
 
 // ---- Entry points. ----
