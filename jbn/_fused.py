@@ -104,13 +104,9 @@ def _static(epsilon) -> bool:
     return True
 
 
-def normalize(x, scale, bias, plan: Layout, *, epsilon, centered):
-    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` through the kernels (`plan` from `layout`)."""
-    return standardize(x, scale, bias, plan, epsilon=epsilon, centered=centered)[0]
-
-
 def standardize(x, scale, bias, plan: Layout, *, epsilon, centered):
-    """`normalize`'s y, with the mean and (biased) variance per ``(n, g)``, shaped ``(plan.n, plan.g)``.
+    """``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` through the kernels (`plan` from `layout`), with
+    the mean and (biased) variance per ``(n, g)``, shaped ``(plan.n, plan.g)``.
 
     Scale and bias go to the kernels per channel ``(G * K,)``, or per group ``(G,)`` where neither varies along
     K (one value per channel of channels-first data, not one per pixel). x goes in its own shape, the view as

@@ -132,7 +132,7 @@ double RunSum(int64_t K, F&& term) {
 template <typename T>
 void RowForward(const T* x, const float* scale, const float* bias, T* y, int64_t K, double eps, bool centered,
                 float* mean_out, float* std_out, float* var_out) {
-  // One pass of d = x - shift and d^2 in double, the shift being the first element (see ShiftedMoments).
+  // One pass of d = x - shift and d^2 in double, the shift being the first element (see SliceMoments).
   const double shift = centered ? Load(x, 0) : 0.0;
   double sum = 0.0, sq = 0.0;
 #pragma omp simd reduction(+ : sum, sq)
@@ -245,7 +245,6 @@ struct Affine {
   const float* scale;
   const float* bias;
   bool per_group;
-  float ScaleAt(int64_t g, int64_t k, int64_t K) const { return per_group ? scale[g] : scale[g * K + k]; }
 };
 
 struct SliceScratch {
@@ -264,7 +263,8 @@ void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, 
   std::vector<double>& shift = scratch.shift;
   shift.resize(C);
   for (int64_t g = 0; g < d.g; ++g) {
-    std::fill_n(shift.data() + g * d.k, d.k, centered ? static_cast<double>(Load(base + slice.begin * C, g * d.k)) : 0.0);
+    const double first = centered ? Load(base + slice.begin * C, g * d.k) : 0.0;
+    std::fill_n(shift.data() + g * d.k, d.k, first);
   }
   std::vector<double>& sums = scratch.channel;
   sums.assign(2 * C, 0.0);
@@ -535,9 +535,9 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
       slice_dx(slice);
     }
   });
-  if (whole) return Totals(d, tasks, partial, stride, params, dscale, dbias);
-  for (int64_t n = 0; n < d.n; ++n) coefficients(n);
   Totals(d, tasks, partial, stride, params, dscale, dbias);
+  if (whole) return;
+  for (int64_t n = 0; n < d.n; ++n) coefficients(n);
   Parallel::For(pool, tasks.count, [&](int64_t t) { slice_dx(SliceOf(d, tasks, t)); });
 }
 
@@ -593,8 +593,6 @@ void Backward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mea
   } else {
     PlanesBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), centered);
   }
-  std::fill_n(dscale, size, 0.0f);
-  std::fill_n(dbias, size, 0.0f);
   std::vector<double> fs(size, 0.0), fb(size, 0.0);
   for (int64_t e = 0; e < entries; ++e) {
     const int64_t p = params.expanded ? e / d.k : e;
