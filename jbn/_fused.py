@@ -42,8 +42,8 @@ class Layout(NamedTuple):
     runs_from: int
 
 
-def layout(x, axes, scale, bias, options, mask, epsilon) -> Layout | None:
-    """The ``(N, S, G, K)`` view of x for statistics over `axes`, or None where the fused kernels do not apply.
+def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
+    """The ``(N, S, G, K)`` view of x for statistics over ``options.axes``, or None where the kernels do not apply.
 
     They apply on the CPU to float32 and bfloat16 x with y of the same dtype, a static epsilon, no mask, no
     cross-device axis or sharding, and the exact variance, where the statistics are per example (axis 0 kept),
@@ -62,6 +62,7 @@ def layout(x, axes, scale, bias, options, mask, epsilon) -> Layout | None:
         or jax.default_backend() != "cpu"
     ):
         return None
+    axes = options.axes
     runs = _runs(x.ndim, set(axes))
     if runs is None or 0 in axes:  # statistics across examples (batch norm): XLA's fused column sums do as well
         return None

@@ -60,9 +60,10 @@ def standardize(options: Options, x, scale, bias, mask, fallback, epsilon) -> tu
     Returns y (``options.dtype``, x's dtype when None) and the `Statistics`. On the CPU, the cases the fused
     kernels take go to them (``jbn/_fused.py``); their results agree with this module's to float32 rounding.
     """
-    plan = _fused.layout(x, options.axes, scale, bias, options, mask, epsilon)
+    plan = _fused.layout(options, x, scale, bias, mask, epsilon)
     if plan is None:
         return _standardize(options, x, scale, bias, mask, fallback, epsilon)
+    # The kernels take no mask, so every group has data and `fallback` is never needed.
     y, mean, var = _fused.standardize(x, scale, bias, plan, epsilon=epsilon, centered=options.centered)
     kept = tuple(1 if axis in options.axes else size for axis, size in enumerate(x.shape))
     count = jnp.full(kept, plan.s * plan.k, jnp.float32)
