@@ -263,3 +263,23 @@ def test_few_examples_split_into_slices_pool_exactly(fn, shape, kwargs):
     y = jax.jit(lambda x: fn(x, scale, bias, **kwargs))(x)
     expected = _expected(fn, x, scale, bias, kwargs)
     assert np.abs(f64(y) - expected).max() < 2e-5
+
+
+@pytest.mark.parametrize(
+    ("fn", "shape", "kwargs"),
+    [
+        (jbn.instance_norm, (16, 32, 32, 64), {}),
+        (jbn.instance_norm, (2, 128, 128, 32), {}),
+        (jbn.layer_norm, (16, 64, 4, 256), {"reduction_axes": (1, 3), "feature_axes": 2}),
+    ],
+    ids=["whole examples", "slices of two examples", "scale per group"],
+)
+def test_large_outputs_stored_around_the_cache_equal_the_xla_path(fn, shape, kwargs, monkeypatch):
+    """float32 outputs of 4 MiB and more go out in non-temporal stores, one 64-byte line per row and 16 channels."""
+    x = data(shape, offset=3.0)
+    scale, bias = _params("layer", x, kwargs)
+    cotangent = data(shape, seed=5)
+    fused = _run(fn, kwargs, x, scale, bias, cotangent, kernels=True, jit=True, monkeypatch=monkeypatch)
+    plain = _run(fn, kwargs, x, scale, bias, cotangent, kernels=False, jit=True, monkeypatch=monkeypatch)
+    _assert_close(fused, plain, rtol=1e-5, atol=3e-5)
+    assert np.abs(f64(fused[0]) - _expected(fn, x, scale, bias, kwargs)).max() < 2e-5
