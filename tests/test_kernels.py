@@ -271,11 +271,12 @@ def test_few_examples_split_into_slices_pool_exactly(fn, shape, kwargs):
         (jbn.instance_norm, (16, 32, 32, 64), {}),
         (jbn.instance_norm, (2, 128, 128, 32), {}),
         (jbn.layer_norm, (16, 64, 4, 256), {"reduction_axes": (1, 3), "feature_axes": 2}),
+        (jbn.layer_norm, (8, 256, 512), {}),
     ],
-    ids=["whole examples", "slices of two examples", "scale per group"],
+    ids=["whole examples", "slices of two examples", "scale per group", "rows"],
 )
 def test_large_outputs_stored_around_the_cache_equal_the_xla_path(fn, shape, kwargs, monkeypatch):
-    """float32 outputs of 4 MiB and more go out in non-temporal stores, one 64-byte line per row and 16 channels."""
+    """float32 outputs of 4 MiB and more go out in non-temporal stores, a 64-byte line of 16 channels at a time."""
     x = data(shape, offset=3.0)
     scale, bias = _params("layer", x, kwargs)
     cotangent = data(shape, seed=5)

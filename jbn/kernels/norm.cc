@@ -172,6 +172,17 @@ inline float GradientOf(float v, float grad, float hi, float lo, float inv, floa
 
 // ---- Rows (S == 1): each (n, g) is one contiguous run of K elements, handled in registers. ----
 
+// value(k) for k < K to p around the cache (K a multiple of kLanes, p 64-byte aligned; see kStreamBytes).
+template <typename F>
+void StreamRun(float* p, int64_t K, F&& value) {
+  for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
+    float out[kLanes];
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) out[j] = value(k0 + j);
+    StreamLanes(p + k0, out);
+  }
+}
+
 // A fixed partition of the examples into chunks of about 64K elements, at most 8 per worker.
 int64_t ChunkCount(const Dims& d, ffi::ThreadPool& pool) {
   int64_t by_size = std::max<int64_t>(1, d.n * d.example() / 65536);
@@ -198,7 +209,7 @@ double RunSum(int64_t K, F&& term) {
 
 template <typename T>
 void RowForward(const T* x, const float* scale, const float* bias, T* y, int64_t K, double eps, bool centered,
-                float* mean_out, float* std_out, float* var_out) {
+                float* mean_out, float* std_out, float* var_out, bool stream) {
   // One pass of d = x - shift and d^2 in double, the shift being the first element (see SliceMoments).
   const double shift = centered ? Load(x, 0) : 0.0;
   double sum = 0.0, sq = 0.0;
@@ -212,14 +223,18 @@ void RowForward(const T* x, const float* scale, const float* bias, T* y, int64_t
   const double var = centered ? std::max(0.0, (sq - sum * (sum / K)) / K) : sq / K;
   SetStatistics(m, var, eps, mean_out, std_out, var_out);
   const float hi = mean_out[0], lo = mean_out[1], r = static_cast<float>(1.0 / std::sqrt(var + eps));
+  auto output = [&](int64_t k) { return OutputOf(Load(x, k), hi, lo, r, scale[k], bias[k]); };
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) return StreamRun(y, K, output);
+  }
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) Store(y, k, OutputOf(Load(x, k), hi, lo, r, scale[k], bias[k]));
+  for (int64_t k = 0; k < K; ++k) Store(y, k, output(k));
 }
 
 // dx of one row, and its dy * xhat and dy added to dscale and dbias.
 template <typename T, typename U>
 void RowBackward(const T* x, const float* mean, float std, const float* scale, const U* dy, T* dx, float* dscale,
-                 float* dbias, int64_t K, bool centered) {
+                 float* dbias, int64_t K, bool centered, bool stream) {
   const float hi = mean[0], lo = mean[1], r = static_cast<float>(1.0 / std);
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
@@ -230,20 +245,26 @@ void RowBackward(const T* x, const float* mean, float std, const float* scale, c
   const double sum_g = centered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
   const double sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * ((Load(x, k) - hi - lo) * r); });
   const float a = static_cast<float>(sum_g / K), b = static_cast<float>(sum_gx / K);
+  auto gradient = [&](int64_t k) { return GradientOf(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); };
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) return StreamRun(dx, K, gradient);
+  }
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) Store(dx, k, GradientOf(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b));
+  for (int64_t k = 0; k < K; ++k) Store(dx, k, gradient(k));
 }
 
 template <typename T>
 void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* scale, const float* bias, T* y,
                  Statistics out, double eps, bool centered) {
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g;
+  const bool stream = Streams(y, d.n * d.example(), d.k);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     for (int64_t i = Split(chunk, chunks, rows); i < Split(chunk + 1, chunks, rows); ++i) {
       const int64_t c0 = (i % d.g) * d.k;
       RowForward(x + i * d.k, scale + c0, bias + c0, y + i * d.k, d.k, eps, centered, out.mean + 2 * i,
-                 out.std + i, out.var + i);
+                 out.std + i, out.var + i, stream);
     }
+    if (stream) StreamFence();
   });
 }
 
@@ -252,6 +273,7 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
                   const float* scale, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, C = d.channels();
   std::vector<double> partial(2 * C * chunks, 0.0);
+  const bool stream = Streams(dx, d.n * d.example(), d.k);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     // dscale and dbias summed in float over blocks of 16 rows, then in double: float speed, double's reach.
     constexpr int64_t kBlock = 16;
@@ -261,13 +283,14 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c0 = (i % d.g) * d.k;
       RowBackward(x + i * d.k, mean + 2 * i, std[i], scale + c0, dy + i * d.k, dx + i * d.k, block.data() + c0,
-                  block.data() + C + c0, d.k, centered);
+                  block.data() + C + c0, d.k, centered, stream);
       if ((i - begin + 1) % kBlock == 0 || i + 1 == end) {
 #pragma omp simd
         for (int64_t c = 0; c < 2 * C; ++c) ds[c] += block[c];
         std::fill(block.begin(), block.end(), 0.0f);
       }
     }
+    if (stream) StreamFence();
   });
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     for (int64_t c = 0; c < C; ++c) {
