@@ -199,11 +199,9 @@ def masked_moments(
         return Moments(count, *keep())
     # A mean square of exactly 0 with a nonzero mean means the squares underflowed (data near 1e-30).
     out_of_range = ~jnp.isfinite(mean_square) | ((mean_square < _TINY) & ((mean_square > 0) | (mean != 0)))
-    branch = jnp.where(
-        jnp.any(out_of_range),
-        _RESCALE,
-        jnp.where(jnp.any(jnp.square(mean) > _CANCELLATION_LIMIT * var), _REFINE, _KEEP),
-    )
+    # The most careful branch any output position needs, in one reduction (the branches are ordered by care).
+    cancels = jnp.square(mean) > _CANCELLATION_LIMIT * var
+    branch = jnp.max(jnp.where(out_of_range, _RESCALE, jnp.where(cancels, _REFINE, _KEEP)), initial=_KEEP)
     if axis_name is not None:
         # The branches hold collectives, so every participant must take the same one. Nothing guarantees that the
         # participants' pooled sums agree to the last bit; a predicate on the edge would split them: a deadlock.

@@ -474,17 +474,19 @@ struct ChannelStatistics {
 void PoolExample(const Dims& d, const Tasks& tasks, int64_t n, const double* means, const double* m2s, double eps,
                  Statistics out) {
   const double count = static_cast<double>(d.s * d.k);
+  const int64_t first = n * tasks.per_example;
+  std::vector<double> sizes(tasks.per_example);  // elements per slice of each group
+  for (int64_t p = 0; p < tasks.per_example; ++p) {
+    const Slice slice = SliceOf(d, tasks, first + p);
+    sizes[p] = static_cast<double>((slice.end - slice.begin) * d.k);
+  }
   for (int64_t g = 0; g < d.g; ++g) {
     double total = 0.0, m2 = 0.0;
-    for (int64_t t = n * tasks.per_example; t < (n + 1) * tasks.per_example; ++t) {
-      const Slice slice = SliceOf(d, tasks, t);
-      total += static_cast<double>((slice.end - slice.begin) * d.k) * means[t * d.g + g];
-    }
+    for (int64_t p = 0; p < tasks.per_example; ++p) total += sizes[p] * means[(first + p) * d.g + g];
     const double mean = total / count;
-    for (int64_t t = n * tasks.per_example; t < (n + 1) * tasks.per_example; ++t) {
-      const Slice slice = SliceOf(d, tasks, t);
-      const double shift = means[t * d.g + g] - mean;
-      m2 += m2s[t * d.g + g] + static_cast<double>((slice.end - slice.begin) * d.k) * shift * shift;
+    for (int64_t p = 0; p < tasks.per_example; ++p) {
+      const double shift = means[(first + p) * d.g + g] - mean;
+      m2 += m2s[(first + p) * d.g + g] + sizes[p] * shift * shift;
     }
     const int64_t i = n * d.g + g;
     SetStatistics(mean, m2 / count, eps, out.mean + 2 * i, out.std + i, out.var + i);
@@ -493,7 +495,7 @@ void PoolExample(const Dims& d, const Tasks& tasks, int64_t n, const double* mea
 
 // y for the rows of one slice, from its example's per-channel hi, lo and 1 / std; while writing, the same rows of
 // example `ahead` (the thread's next task, or -1) are fetched into cache. Streamed output goes block by block
-// (see StreamBlock); otherwise row by row.
+// (see StreamOutputs); otherwise row by row.
 template <typename T>
 void SliceOutput(const Dims& d, const T* x, const Affine& affine, T* y, const Slice& slice, const float* h,
                  const float* l, const float* r, int64_t ahead, bool stream) {
