@@ -61,8 +61,8 @@ inline void Prefetch(const void* p, int64_t bytes) {
 
 // Stores of large outputs go around the cache (non-temporal stores, where the CPU has them): such an output leaves
 // the cache before it is read anyway, and a cached store first reads in the line it overwrites. On a 2-core AVX-512
-// machine this took 10-15% off float32 instance norm training for outputs of 2-8 MiB, also with a consumer reading
-// them right after; below 2 MiB it was a wash.
+// machine this took 10-15% off float32 instance norm training for outputs of 4-8 MiB, also with a consumer reading
+// them right after; at 1-2 MiB it helped in some runs and hurt in others.
 constexpr int64_t kStreamBytes = int64_t{4} << 20;
 
 // Stores 16 floats from v to p (64-byte aligned) around the cache.
@@ -372,7 +372,8 @@ void StreamGradients(const float* rows, const U* grads, float* results, int64_t 
     float hc[kLanes], lc[kLanes], rc[kLanes], sc[kLanes], ac[kLanes], bc[kLanes];
     for (int64_t j = 0; j < kLanes; ++j) {
       const int64_t c = c0 + j;
-      hc[j] = h[c], lc[j] = l[c], rc[j] = r[c], sc[j] = affine.scale[affine.Entry(c, d.k)], ac[j] = a[c], bc[j] = b[c];
+      hc[j] = h[c], lc[j] = l[c], rc[j] = r[c], sc[j] = affine.scale[affine.Entry(c, d.k)];
+      ac[j] = a[c], bc[j] = b[c];
     }
     for (int64_t s = 0; s < count; ++s) {
       const float* row = rows + s * C + c0;
@@ -394,7 +395,8 @@ struct SliceScratch {
 // Per group of one slice: mean and centered sum of squares, in one pass over d = x - shift in double, the shift
 // being the group's first element in the slice: M2 = sum d^2 - (sum d)^2 / n. As the shift is one of the data,
 // (mean - shift)^2 <= n var, so the subtraction loses at most a factor n of double's 2^-53: below 2e-10 for a
-// slice (at most kSliceElements, unless an example's few rows are long). Short runs are summed per channel, long runs in registers per run.
+// slice of kSliceElements (more only where an example has few, long rows). Short runs are summed per channel,
+// long runs in registers per run.
 template <typename T>
 void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, double* mean, double* m2,
                   SliceScratch& scratch) {
