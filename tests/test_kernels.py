@@ -41,6 +41,9 @@ CASES = [
         (3, 4, 5, 16),
     ),
     ("layer, short runs", jbn.layer_norm, (3, 4, 5, 4), {"reduction_axes": (1, 3), "feature_axes": 2}, (3, 4, 5, 4)),
+    # RMS norm over planes: nothing centered, also when slices of one example are pooled.
+    ("rms over planes", jbn.rms_norm, (3, 4, 6), {"reduction_axes": 1}, (3, 4, 6, 1)),
+    ("rms over long runs", jbn.rms_norm, (2, 3, 2, 32), {"reduction_axes": (1, 3), "feature_axes": 2}, (2, 3, 2, 32)),
 ]
 IDS = [case[0] for case in CASES]
 
@@ -51,7 +54,7 @@ def _params(name, x, kwargs):
     shape = tuple(x.shape[axis] for axis in ((axes,) if isinstance(axes, int) else axes))
     rng = np.random.default_rng(7)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
-    bias = None if name == "rms" else jnp.asarray(rng.normal(size=shape), jnp.float32)
+    bias = None if name.startswith("rms") else jnp.asarray(rng.normal(size=shape), jnp.float32)
     return scale, bias
 
 
@@ -212,7 +215,7 @@ def test_the_plain_jax_twins_equal_the_kernels(name, fn, shape, kwargs, view):
     channels = view[2] * view[3]
     scale, bias = jnp.linspace(0.5, 1.5, channels), jnp.linspace(-1.0, 1.0, channels)
     dy = data(view, seed=2)
-    centered = name != "rms"
+    centered = not name.startswith("rms")
     dims = {dim: np.int64(size) for dim, size in zip("nsgk", view, strict=True)}
     params = {"epsilon": np.float32(1e-6), "centered": centered, **dims}
     fused = jax.jit(lambda *a: _fused.forward_p.bind(*a, **params))(x, scale, bias)

@@ -445,7 +445,9 @@ void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, 
       group_sum += sum[g * d.k + k];
       group_sq += sq[g * d.k + k];
     }
-    mean[g] = shift[g * d.k] + group_sum / count;
+    // Without centering the "mean" is 0 and M2 the plain sum of squares, so that pooling (PoolExample) adds
+    // nothing to it: the statistics are then mean 0 and var = <x^2>.
+    mean[g] = centered ? shift[g * d.k] + group_sum / count : 0.0;
     m2[g] = centered ? std::max(0.0, group_sq - group_sum * (group_sum / count)) : group_sq;
   }
 }
