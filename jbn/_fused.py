@@ -48,7 +48,8 @@ def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
     They apply on the CPU to float32 and bfloat16 x with y of the same dtype, a static epsilon, no mask, no
     cross-device axis or sharding, and the exact variance, where the statistics are per example (axis 0 kept),
     the reduced axes are a trailing run (K) and a run before the kept group axes (S), and scale and bias vary only
-    along the axes from G on.
+    along the axes from G on. Without an S run the kept axes are G from the first one along which scale or bias
+    vary (channels-first instance norm: ``(N, 1, C, H * W)``, scale per group), N before it.
     """
     if (
         mask is not None
@@ -67,7 +68,11 @@ def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
     if runs is None or 0 in axes:  # statistics across examples (batch norm): XLA's fused column sums do as well
         return None
     s_from, g_from, k_from = runs
-    if any(size != 1 for v in (scale, bias) if v is not None for size in v.shape[:g_from]):
+    params = [v for v in (scale, bias) if v is not None]
+    if s_from == g_from:  # no S run (rows): the kept axes from the first along which scale or bias vary are G
+        varying = [axis for v in params for axis, size in enumerate(v.shape[:k_from]) if size != 1]
+        s_from = g_from = min(varying, default=k_from)
+    if any(size != 1 for v in params for size in v.shape[:g_from]):
         return None
     if not _kernel.enabled():
         return None

@@ -41,6 +41,9 @@ CASES = [
         (3, 4, 5, 16),
     ),
     ("layer, short runs", jbn.layer_norm, (3, 4, 5, 4), {"reduction_axes": (1, 3), "feature_axes": 2}, (3, 4, 5, 4)),
+    # Channels first: rows with scale and bias per group (one per channel, constant along the row).
+    ("instance, channels first", jbn.instance_norm, (3, 6, 4, 5), {"feature_axes": 1}, (3, 1, 6, 20)),
+    ("rms, channels first", jbn.rms_norm, (3, 6, 20), {"reduction_axes": 2, "feature_axes": 1}, (3, 1, 6, 20)),
     # RMS norm over planes: nothing centered, also when slices of one example are pooled.
     ("rms over planes", jbn.rms_norm, (3, 4, 6), {"reduction_axes": 1}, (3, 4, 6, 1)),
     ("rms over long runs", jbn.rms_norm, (2, 3, 2, 32), {"reduction_axes": (1, 3), "feature_axes": 2}, (2, 3, 2, 32)),
@@ -100,7 +103,8 @@ def _forward_eqns(fn, *args, **kwargs):
 
 @pytest.mark.parametrize(("name", "fn", "shape", "kwargs", "view"), CASES, ids=IDS)
 def test_the_kernels_take_these_layouts(name, fn, shape, kwargs, view):
-    (eqn,) = _forward_eqns(fn, jnp.ones(shape), **kwargs)
+    scale, bias = _params(name, jnp.ones(shape), kwargs)
+    (eqn,) = _forward_eqns(lambda x: _apply(fn, x, scale, bias, kwargs), jnp.ones(shape))
     assert tuple(eqn.params[dim] for dim in "nsgk") == view
     if fn is not jbn.group_norm:  # which splits its channel axis into groups itself
         assert eqn.invars[0].aval.shape == shape  # x keeps its shape: XLA:CPU would copy a reshaped bfloat16 array
@@ -112,7 +116,6 @@ def test_the_kernels_take_these_layouts(name, fn, shape, kwargs, view):
         (jbn.layer_norm, (4, 5, 6), {"mask": jnp.ones((4, 5, 6), bool)}, "a mask"),
         (jbn.layer_norm, (4, 5, 6), {"use_fast_variance": True}, "the opt-in fast variance"),
         (jbn.layer_norm, (4, 5, 6), {"dtype": jnp.bfloat16}, "y in another dtype"),
-        (jbn.instance_norm, (4, 5, 6), {"feature_axes": 1, "scale": jnp.ones(5)}, "channels first, with a scale"),
         (jbn.layer_norm, (2, 3, 4, 5), {"reduction_axes": (0, 2)}, "kept axes on both sides of a reduced one"),
     ],
 )
@@ -275,8 +278,9 @@ def test_few_examples_split_into_slices_pool_exactly(fn, shape, kwargs):
         (jbn.instance_norm, (2, 128, 128, 32), {}),
         (jbn.layer_norm, (16, 64, 4, 256), {"reduction_axes": (1, 3), "feature_axes": 2}),
         (jbn.layer_norm, (8, 256, 512), {}),
+        (jbn.instance_norm, (16, 64, 32, 32), {"feature_axes": 1}),
     ],
-    ids=["whole examples", "slices of two examples", "scale per group", "rows"],
+    ids=["whole examples", "slices of two examples", "scale per group", "rows", "rows, scale per group"],
 )
 def test_large_outputs_stored_around_the_cache_equal_the_xla_path(fn, shape, kwargs, monkeypatch):
     """float32 outputs of 4 MiB and more go out in non-temporal stores, a 64-byte line of 16 channels at a time."""

@@ -170,6 +170,15 @@ inline float GradientOf(float v, float grad, float hi, float lo, float inv, floa
   return inv * (grad * scale - a - xhat * b);
 }
 
+// Scale and bias per channel (C values) or per group (G values: constant along K; expanded to channels for short
+// runs over planes, see Parameters).
+struct Affine {
+  const float* scale;
+  const float* bias;
+  bool per_group;
+  int64_t Entry(int64_t c, int64_t k) const { return per_group ? c / k : c; }
+};
+
 // ---- Rows (S == 1): each (n, g) is one contiguous run of K elements, handled in registers. ----
 
 // value(k) for k < K to p around the cache (K a multiple of kLanes, p 64-byte aligned; see kStreamBytes).
@@ -181,6 +190,16 @@ void StreamRun(float* p, int64_t K, F&& value) {
     for (int64_t j = 0; j < kLanes; ++j) out[j] = value(k0 + j);
     StreamLanes(p + k0, out);
   }
+}
+
+// value(k) for k < K to out: around the cache where `stream` (float32 only), else cached.
+template <typename T, typename F>
+void PutRow(T* out, int64_t K, bool stream, F&& value) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) return StreamRun(out, K, value);
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) Store(out, k, value(k));
 }
 
 // A fixed partition of the examples into chunks of about 64K elements, at most 8 per worker.
@@ -208,8 +227,8 @@ double RunSum(int64_t K, F&& term) {
 }
 
 template <typename T>
-void RowForward(const T* x, const float* scale, const float* bias, T* y, int64_t K, double eps, bool centered,
-                float* mean_out, float* std_out, float* var_out, bool stream) {
+void RowForward(const T* x, const float* scale, const float* bias, bool per_group, T* y, int64_t K, double eps,
+                bool centered, float* mean_out, float* std_out, float* var_out, bool stream) {
   // One pass of d = x - shift and d^2 in double, the shift being the first element (see SliceMoments).
   const double shift = centered ? Load(x, 0) : 0.0;
   double sum = 0.0, sq = 0.0;
@@ -223,46 +242,57 @@ void RowForward(const T* x, const float* scale, const float* bias, T* y, int64_t
   const double var = centered ? std::max(0.0, (sq - sum * (sum / K)) / K) : sq / K;
   SetStatistics(m, var, eps, mean_out, std_out, var_out);
   const float hi = mean_out[0], lo = mean_out[1], r = static_cast<float>(1.0 / std::sqrt(var + eps));
-  auto output = [&](int64_t k) { return OutputOf(Load(x, k), hi, lo, r, scale[k], bias[k]); };
-  if constexpr (std::is_same_v<T, float>) {
-    if (stream) return StreamRun(y, K, output);
+  if (per_group) {
+    const float sg = scale[0], bg = bias[0];
+    return PutRow(y, K, stream, [&](int64_t k) { return OutputOf(Load(x, k), hi, lo, r, sg, bg); });
   }
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) Store(y, k, output(k));
+  PutRow(y, K, stream, [&](int64_t k) { return OutputOf(Load(x, k), hi, lo, r, scale[k], bias[k]); });
 }
 
-// dx of one row, and its dy * xhat and dy added to dscale and dbias.
+// dx of one row, and its dy * xhat and dy added to dscale and dbias: per channel (K entries, float) or, with scale
+// per group, to the group's one entry (double).
 template <typename T, typename U>
-void RowBackward(const T* x, const float* mean, float std, const float* scale, const U* dy, T* dx, float* dscale,
-                 float* dbias, int64_t K, bool centered, bool stream) {
+void RowBackward(const T* x, const float* mean, float std, const float* scale, bool per_group, const U* dy, T* dx,
+                 float* dscale, float* dbias, double* group_dscale, double* group_dbias, int64_t K, bool centered,
+                 bool stream) {
   const float hi = mean[0], lo = mean[1], r = static_cast<float>(1.0 / std);
+  auto xhat = [&](int64_t k) { return (Load(x, k) - hi - lo) * r; };
+  double sum_g, sum_gx;
+  if (per_group) {
+    const double sum_dy = RunSum(K, [&](int64_t k) { return Load(dy, k); });
+    const double sum_dyx = RunSum(K, [&](int64_t k) { return Load(dy, k) * xhat(k); });
+    *group_dscale += sum_dyx;
+    *group_dbias += sum_dy;
+    sum_g = centered ? scale[0] * sum_dy : 0.0;
+    sum_gx = scale[0] * sum_dyx;
+  } else {
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
-    const float grad = Load(dy, k);
-    dscale[k] += grad * ((Load(x, k) - hi - lo) * r);
-    dbias[k] += grad;
+    for (int64_t k = 0; k < K; ++k) {
+      const float grad = Load(dy, k);
+      dscale[k] += grad * xhat(k);
+      dbias[k] += grad;
+    }
+    sum_g = centered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
+    sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * xhat(k); });
   }
-  const double sum_g = centered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
-  const double sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * ((Load(x, k) - hi - lo) * r); });
   const float a = static_cast<float>(sum_g / K), b = static_cast<float>(sum_gx / K);
-  auto gradient = [&](int64_t k) { return GradientOf(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); };
-  if constexpr (std::is_same_v<T, float>) {
-    if (stream) return StreamRun(dx, K, gradient);
+  if (per_group) {
+    const float sg = scale[0];
+    return PutRow(dx, K, stream, [&](int64_t k) { return GradientOf(Load(x, k), Load(dy, k), hi, lo, r, sg, a, b); });
   }
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) Store(dx, k, gradient(k));
+  PutRow(dx, K, stream, [&](int64_t k) { return GradientOf(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); });
 }
 
 template <typename T>
-void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* scale, const float* bias, T* y,
-                 Statistics out, double eps, bool centered) {
+void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine& affine, T* y, Statistics out,
+                 double eps, bool centered) {
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g;
   const bool stream = Streams(y, d.n * d.example(), d.k);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     for (int64_t i = Split(chunk, chunks, rows); i < Split(chunk + 1, chunks, rows); ++i) {
-      const int64_t c0 = (i % d.g) * d.k;
-      RowForward(x + i * d.k, scale + c0, bias + c0, y + i * d.k, d.k, eps, centered, out.mean + 2 * i,
-                 out.std + i, out.var + i, stream);
+      const int64_t e = affine.per_group ? i % d.g : (i % d.g) * d.k;
+      RowForward(x + i * d.k, affine.scale + e, affine.bias + e, affine.per_group, y + i * d.k, d.k, eps, centered,
+                 out.mean + 2 * i, out.std + i, out.var + i, stream);
     }
     if (stream) StreamFence();
   });
@@ -270,32 +300,35 @@ void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* 
 
 template <typename T, typename U>
 void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
-                  const float* scale, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
-  const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, C = d.channels();
-  std::vector<double> partial(2 * C * chunks, 0.0);
+                  const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
+  const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, P = affine.per_group ? d.g : d.channels();
+  std::vector<double> partial(2 * P * chunks, 0.0);  // per chunk: dscale, then dbias, per scale entry
   const bool stream = Streams(dx, d.n * d.example(), d.k);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
-    // dscale and dbias summed in float over blocks of 16 rows, then in double: float speed, double's reach.
+    // Per channel, dscale and dbias are summed in float over blocks of 16 rows, then in double: float speed,
+    // double's reach. Per group, each row's sums are double already.
     constexpr int64_t kBlock = 16;
-    double* ds = partial.data() + 2 * C * chunk;
-    std::vector<float> block(2 * C, 0.0f);
+    double* ds = partial.data() + 2 * P * chunk;
+    std::vector<float> block(affine.per_group ? 0 : 2 * P, 0.0f);
     const int64_t begin = Split(chunk, chunks, rows), end = Split(chunk + 1, chunks, rows);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t c0 = (i % d.g) * d.k;
-      RowBackward(x + i * d.k, mean + 2 * i, std[i], scale + c0, dy + i * d.k, dx + i * d.k, block.data() + c0,
-                  block.data() + C + c0, d.k, centered, stream);
-      if ((i - begin + 1) % kBlock == 0 || i + 1 == end) {
+      const int64_t g = i % d.g, e = affine.per_group ? g : g * d.k;
+      float *block_ds = nullptr, *block_db = nullptr;
+      if (!affine.per_group) block_ds = block.data() + e, block_db = block.data() + P + e;
+      RowBackward(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.per_group, dy + i * d.k, dx + i * d.k,
+                  block_ds, block_db, ds + g, ds + P + g, d.k, centered, stream);
+      if (!affine.per_group && ((i - begin + 1) % kBlock == 0 || i + 1 == end)) {
 #pragma omp simd
-        for (int64_t c = 0; c < 2 * C; ++c) ds[c] += block[c];
+        for (int64_t c = 0; c < 2 * P; ++c) ds[c] += block[c];
         std::fill(block.begin(), block.end(), 0.0f);
       }
     }
     if (stream) StreamFence();
   });
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    for (int64_t c = 0; c < C; ++c) {
-      dscale[c] += partial[2 * C * chunk + c];
-      dbias[c] += partial[2 * C * chunk + C + c];
+    for (int64_t p = 0; p < P; ++p) {
+      dscale[p] += partial[2 * P * chunk + p];
+      dbias[p] += partial[2 * P * chunk + P + p];
     }
   }
 }
@@ -332,13 +365,6 @@ Slice SliceOf(const Dims& d, const Tasks& tasks, int64_t t) {
   return Slice{n, Split(part, tasks.per_example, d.s), Split(part + 1, tasks.per_example, d.s)};
 }
 
-// Scale and bias per channel (C values) or, for long runs only, per group (G values).
-struct Affine {
-  const float* scale;
-  const float* bias;
-  bool per_group;
-  int64_t Entry(int64_t c, int64_t k) const { return per_group ? c / k : c; }
-};
 
 // Streamed output (see kStreamBytes) of `count` rows of C channels, C a multiple of kLanes: chunk by chunk of kLanes
 // channels, each row's chunk one whole line stored at once, the chunk's constants in registers over the rows.
@@ -726,8 +752,8 @@ std::optional<Dims> DimsOf(const ffi::AnyBuffer& x, int64_t n, int64_t s, int64_
   return Dims{n, s, g, k};
 }
 
-// Scale and bias come per channel (C) or per group (G, constant along K). Per group is kept only for long runs
-// over planes; elsewhere it is expanded to channels (and dscale, dbias folded back).
+// Scale and bias come per channel (C) or per group (G, constant along K). Per group is kept for rows and for long
+// runs over planes; for short runs over planes it is expanded to channels (and dscale, dbias folded back).
 struct Parameters {
   Affine affine;
   std::vector<float> scale, bias;
@@ -735,7 +761,7 @@ struct Parameters {
 
   Parameters(const Dims& d, const float* scale_in, const float* bias_in, int64_t size) {
     affine = Affine{scale_in, bias_in, size != d.channels()};
-    if (affine.per_group && (d.s == 1 || d.k < 16)) {
+    if (affine.per_group && d.s > 1 && d.k < 16) {
       scale.resize(d.channels());
       bias.resize(d.channels());
       for (int64_t g = 0; g < d.g; ++g) {
@@ -753,7 +779,7 @@ void Forward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* scal
              T* y, Statistics out, double eps, bool centered) {
   const Parameters params(d, scale, bias, size);
   if (d.s == 1) {
-    RowsForward(pool, d, x, params.affine.scale, params.affine.bias, y, out, eps, centered);
+    RowsForward(pool, d, x, params.affine, y, out, eps, centered);
   } else {
     PlanesForward(pool, d, x, params.affine, y, out, eps, centered);
   }
@@ -766,7 +792,7 @@ void Backward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mea
   const int64_t entries = params.affine.per_group ? d.g : d.channels();
   std::vector<double> ds(entries, 0.0), db(entries, 0.0);
   if (d.s == 1) {
-    RowsBackward(pool, d, x, mean, std, params.affine.scale, dy, dx, ds.data(), db.data(), centered);
+    RowsBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), centered);
   } else {
     PlanesBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), centered);
   }
