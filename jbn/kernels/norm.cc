@@ -365,7 +365,6 @@ Slice SliceOf(const Dims& d, const Tasks& tasks, int64_t t) {
   return Slice{n, Split(part, tasks.per_example, d.s), Split(part + 1, tasks.per_example, d.s)};
 }
 
-
 // Streamed output (see kStreamBytes) of `count` rows of C channels, C a multiple of kLanes: chunk by chunk of kLanes
 // channels, each row's chunk one whole line stored at once, the chunk's constants in registers over the rows.
 // y of the forward pass:
