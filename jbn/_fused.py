@@ -48,8 +48,7 @@ def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
     They apply on the CPU to float32 and bfloat16 x with y of the same dtype, a static epsilon, no mask, no
     cross-device axis or sharding, and the exact variance, where the statistics are per example (axis 0 kept),
     the reduced axes are a trailing run (K) and a run before the kept group axes (S), and scale and bias vary only
-    along the axes from G on. Without an S run the kept axes are G from the first one along which scale or bias
-    vary (channels-first instance norm: ``(N, 1, C, H * W)``, scale per group), N before it.
+    along the axes from G on (see `_runs` for the view without an S run).
     """
     if (
         mask is not None
@@ -64,15 +63,12 @@ def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
     ):
         return None
     axes = options.axes
-    runs = _runs(x.ndim, set(axes))
+    varying = {axis for v in (scale, bias) if v is not None for axis, size in enumerate(v.shape) if size != 1}
+    runs = _runs(x.ndim, set(axes), varying)
     if runs is None or 0 in axes:  # statistics across examples (batch norm): XLA's fused column sums do as well
         return None
     s_from, g_from, k_from = runs
-    params = [v for v in (scale, bias) if v is not None]
-    if s_from == g_from:  # no S run (rows): the kept axes from the first along which scale or bias vary are G
-        varying = [axis for v in params for axis, size in enumerate(v.shape[:k_from]) if size != 1]
-        s_from = g_from = min(varying, default=k_from)
-    if any(size != 1 for v in params for size in v.shape[:g_from]):
+    if any(axis < g_from for axis in varying):
         return None
     if not _kernel.enabled():
         return None
@@ -81,10 +77,11 @@ def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
     return Layout(*(int(np.prod(part, dtype=np.int64)) for part in sizes), groups_from=g_from, runs_from=k_from)
 
 
-def _runs(ndim, reduced):
+def _runs(ndim, reduced, varying):
     """``(s_from, g_from, k_from)`` with axes ``[s_from, g_from)`` and ``[k_from, ndim)`` reduced, others kept.
 
-    Without an S run the kept axes before K are all batch (N), so scale and bias need not vary along them.
+    Without an S run the kept axes before K are N up to the first one along which scale or bias vary (`varying`),
+    G from it: channels-first instance norm is ``(N, 1, C, H * W)`` with scale per group.
     """
     k_from = ndim
     while k_from > 0 and k_from - 1 in reduced:
@@ -98,7 +95,8 @@ def _runs(ndim, reduced):
     if any(axis in reduced for axis in range(s_from)):
         return None
     if s_from == g_from:
-        return (k_from, k_from, k_from)
+        first = min((axis for axis in varying if axis < k_from), default=k_from)
+        return (first, first, k_from)
     return (s_from, g_from, k_from)
 
 
