@@ -90,6 +90,10 @@ inline void StreamFence() {
 constexpr int64_t kLanes = 16, kBlockRows = 16;
 static_assert(kLanes * sizeof(float) == 64, "StreamLanes stores one 64-byte line");
 
+// The backward passes' per-channel sums of dy and dy * xhat go in float over blocks of kFloatBlock rows, then in
+// double: float's vector lanes, double's reach.
+constexpr int64_t kFloatBlock = 16;
+
 // Whether the planes' output `out` goes around the cache: float32, large, and every row chunk a whole aligned line.
 template <typename T>
 bool Streams(const T* out, int64_t elements, int64_t channels) {
@@ -305,9 +309,8 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
   std::vector<double> partial(2 * P * chunks, 0.0);  // per chunk: dscale, then dbias, per scale entry
   const bool stream = Streams(dx, d.n * d.example(), d.k);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
-    // Per channel, dscale and dbias are summed in float over blocks of 16 rows, then in double: float speed,
-    // double's reach. Per group, each row's sums are double already.
-    constexpr int64_t kBlock = 16;
+    // Per channel, dscale and dbias are summed in float over blocks of kFloatBlock rows, then in double. Per
+    // group, each row's sums are double already.
     double* ds = partial.data() + 2 * P * chunk;
     std::vector<float> block(affine.per_group ? 0 : 2 * P, 0.0f);
     const int64_t begin = Split(chunk, chunks, rows), end = Split(chunk + 1, chunks, rows);
@@ -317,7 +320,7 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
       if (!affine.per_group) block_ds = block.data() + e, block_db = block.data() + P + e;
       RowBackward(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.per_group, dy + i * d.k, dx + i * d.k,
                   block_ds, block_db, ds + g, ds + P + g, d.k, centered, stream);
-      if (!affine.per_group && ((i - begin + 1) % kBlock == 0 || i + 1 == end)) {
+      if (!affine.per_group && ((i - begin + 1) % kFloatBlock == 0 || i + 1 == end)) {
 #pragma omp simd
         for (int64_t c = 0; c < 2 * P; ++c) ds[c] += block[c];
         std::fill(block.begin(), block.end(), 0.0f);
@@ -417,6 +420,43 @@ struct SliceScratch {
   std::vector<double> channel, shift;
 };
 
+// Per-channel sums over a slice's rows go chunk by chunk of at most kRegisterChannels channels (a multiple of
+// kLanes), the chunk's sums in registers over the rows; kept in memory, each row's sums would wait on the previous
+// row's (store-to-load latency).
+constexpr int64_t kRegisterChannels = 4 * kLanes;
+
+// Calls chunk(width, c0) for the chunks covering C channels (a multiple of kLanes), each of W * kLanes channels
+// from c0, with W as the compile-time constant `width` (a std::integral_constant).
+template <typename F>
+void ForChannelChunks(int64_t C, F&& chunk) {
+  for (int64_t c0 = 0; c0 < C; c0 += kRegisterChannels) {
+    switch (std::min(C - c0, kRegisterChannels) / kLanes) {
+      case 1: chunk(std::integral_constant<int, 1>{}, c0); break;
+      case 2: chunk(std::integral_constant<int, 2>{}, c0); break;
+      case 3: chunk(std::integral_constant<int, 3>{}, c0); break;
+      default: chunk(std::integral_constant<int, 4>{}, c0); break;
+    }
+  }
+}
+
+// Sums of d = x - shift and d^2 per channel of one chunk of W * kLanes channels, over `count` rows `stride` apart.
+template <int W, typename T>
+void SumChunk(const T* rows, int64_t count, int64_t stride, const double* shift, double* sum, double* sq) {
+  constexpr int64_t C = W * kLanes;
+  double s[C] = {}, q[C] = {}, c[C];
+  for (int64_t j = 0; j < C; ++j) c[j] = shift[j];
+  for (int64_t r = 0; r < count; ++r) {
+    const T* row = rows + r * stride;
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) {
+      const double v = Load(row, j) - c[j];
+      s[j] += v;
+      q[j] += v * v;
+    }
+  }
+  for (int64_t j = 0; j < C; ++j) sum[j] += s[j], sq[j] += q[j];
+}
+
 // Per group of one slice: mean and centered sum of squares, in one pass over d = x - shift in double, the shift
 // being the group's first element in the slice: M2 = sum d^2 - (sum d)^2 / n. As the shift is one of the data,
 // (mean - shift)^2 <= n var, so the subtraction loses at most a factor n of double's 2^-53: below 2e-10 for a
@@ -452,6 +492,11 @@ void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, 
         sq[g * d.k] += run_sq;
       }
     }
+  } else if (C % kLanes == 0) {
+    const T* rows = base + slice.begin * C;
+    ForChannelChunks(C, [&](auto width, int64_t c0) {
+      SumChunk<decltype(width)::value>(rows + c0, slice.end - slice.begin, C, shift.data() + c0, sum + c0, sq + c0);
+    });
   } else {
     const double* c = shift.data();
     for (int64_t s = slice.begin; s < slice.end; ++s) {
@@ -603,6 +648,29 @@ void Totals(const Dims& d, const Tasks& tasks, const std::vector<double>& partia
   }
 }
 
+// Those sums for one chunk of W * kLanes channels (see kRegisterChannels) over `count` rows `stride` apart.
+template <int W, typename T, typename U>
+void SumGradientChunk(const T* rows, const U* grads, int64_t count, int64_t stride, const float* h, const float* l,
+                      const float* r, double* sum_dy, double* sum_dyx) {
+  constexpr int64_t C = W * kLanes;
+  float hc[C], lc[C], rc[C];
+  for (int64_t j = 0; j < C; ++j) hc[j] = h[j], lc[j] = l[j], rc[j] = r[j];
+  double total_dy[C] = {}, total_dyx[C] = {};
+  for (int64_t first = 0; first < count; first += kFloatBlock) {
+    float block_dy[C] = {}, block_dyx[C] = {};
+    for (int64_t s = first; s < std::min(count, first + kFloatBlock); ++s) {
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) {
+        const float gr = Load(grads + s * stride, j);
+        block_dy[j] += gr;
+        block_dyx[j] += gr * ((Load(rows + s * stride, j) - hc[j] - lc[j]) * rc[j]);
+      }
+    }
+    for (int64_t j = 0; j < C; ++j) total_dy[j] += block_dy[j], total_dyx[j] += block_dyx[j];
+  }
+  for (int64_t j = 0; j < C; ++j) sum_dy[j] += total_dy[j], sum_dyx[j] += total_dyx[j];
+}
+
 // Reverse mode over planes: per task, the sums of g = dy * scale and g * xhat per group, and of dy * xhat and dy
 // per scale entry; pooled in task order; then dx = (g - <g> - xhat <g xhat>) / std.
 template <typename T, typename U>
@@ -701,14 +769,18 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
           sum_dyx[g] += dyx_sum;
         }
       }
+    } else if (C % kLanes == 0) {
+      const int64_t first = (slice.n * d.s + slice.begin) * C;
+      ForChannelChunks(C, [&](auto width, int64_t c0) {
+        SumGradientChunk<decltype(width)::value>(x + first + c0, dy + first + c0, slice.end - slice.begin, C, h + c0, l + c0, r + c0,
+                            sum_dy + c0, sum_dyx + c0);
+      });
     } else {
-      // Both sums in one pass, in float over blocks of 16 rows, then in double.
-      constexpr int64_t kBlock = 16;
       std::vector<float> block(2 * C);
       float *b_dy = block.data(), *b_dyx = b_dy + C;
-      for (int64_t first = slice.begin; first < slice.end; first += kBlock) {
+      for (int64_t first = slice.begin; first < slice.end; first += kFloatBlock) {
         std::fill_n(b_dy, 2 * C, 0.0f);
-        for (int64_t s = first; s < std::min(slice.end, first + kBlock); ++s) {
+        for (int64_t s = first; s < std::min(slice.end, first + kFloatBlock); ++s) {
           const T* row = x + (slice.n * d.s + s) * C;
           const U* grad = dy + (slice.n * d.s + s) * C;
 #pragma omp simd
