@@ -340,7 +340,8 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
 //
 // Each task sums its slice's shifted moments in one pass; slices are pooled with Chan's formula
 // (M2 = sum of M2_t + n_t (mean_t - mean)^2), which is exact. Short runs (K < 16: channels last) are summed per
-// channel, vectorized across C; long runs in registers per run.
+// channel, vectorized across C (in registers, chunk by chunk, where C is a multiple of kLanes; see
+// kRegisterChannels); long runs in registers per run.
 //
 // A task takes a whole example where there are enough examples to go round and the example has at most
 // kSliceElements: then its second pass (y, or dx) reads the example from cache (L2, or the L3 it was evicted to).
@@ -460,8 +461,8 @@ void SumChunk(const T* rows, int64_t count, int64_t stride, const double* shift,
 // Per group of one slice: mean and centered sum of squares, in one pass over d = x - shift in double, the shift
 // being the group's first element in the slice: M2 = sum d^2 - (sum d)^2 / n. As the shift is one of the data,
 // (mean - shift)^2 <= n var, so the subtraction loses at most a factor n of double's 2^-53: below 2e-10 for a
-// slice of kSliceElements (more only where an example has few, long rows). Short runs are summed per channel,
-// long runs in registers per run.
+// slice of kSliceElements (more only where an example has few, long rows). Short runs are summed per channel
+// (see kRegisterChannels), long runs in registers per run.
 template <typename T>
 void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, double* mean, double* m2,
                   SliceScratch& scratch) {
