@@ -112,13 +112,15 @@ def standardize(x, scale, bias, plan: Layout, *, epsilon, centered):
     """``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` through the kernels (`plan` from `layout`), with
     the mean and (biased) variance per ``(n, g)``, shaped ``(plan.n, plan.g)``.
 
-    Scale and bias go to the kernels per channel ``(G * K,)``, or per group ``(G,)`` where neither varies along
-    K (one value per channel of channels-first data, not one per pixel). x goes in its own shape, the view as
-    attributes: XLA:CPU copies a bfloat16 array to reshape it.
+    Scale and bias go to the kernels with one entry per run of the trailing axes of K along which neither varies:
+    per group ``(G,)`` where they are constant along K (one value per channel of channels-first instance norm,
+    not one per pixel), ``(G * C / G,)`` for channels-first group norm (one per H * W plane), per channel
+    ``(G * K,)`` where they vary along K's last axis. x goes in its own shape, the view as attributes: XLA:CPU
+    copies a bfloat16 array to reshape it.
     """
     params = [v for v in (scale, bias) if v is not None]
-    per_group = plan.k > 1 and all(size == 1 for v in params for size in v.shape[plan.runs_from :])
-    until = plan.runs_from if per_group else x.ndim
+    varying = [axis for v in params for axis, size in enumerate(v.shape) if size != 1 and axis >= plan.runs_from]
+    until = max(varying, default=plan.runs_from - 1) + 1
 
     def entries(value, default):
         shape = x.shape[plan.groups_from : until]
@@ -154,7 +156,8 @@ def _standardize_jvp(epsilon, centered, view, primals, tangents):
 
 
 # The plain-JAX twins, on the (N, S, G, K) view. mean is (N, G, 2): hi + lo, the mean to about twice float32's
-# precision; std and var are (N, G); scale, bias, dscale and dbias are (G * K,) or (G,).
+# precision; std and var are (N, G); scale, bias, dscale and dbias have one entry per run of K / (entries / G)
+# elements of each group's K: (G * K,), (G,) or in between.
 
 
 def _group(statistic):
@@ -162,8 +165,9 @@ def _group(statistic):
 
 
 def _channel(x, value):
-    """A per-channel (G * K) or per-group (G) value at the view's rank."""
-    return value.reshape(1, 1, x.shape[2], -1)
+    """A value with one entry per run of each group's K (see above) at the view's rank, as (1, 1, G, K)."""
+    per_group = value.reshape(x.shape[2], -1)
+    return jnp.repeat(per_group, x.shape[3] // per_group.shape[1], axis=1)[None, None]
 
 
 def _centered(x, mean):
@@ -197,8 +201,11 @@ def _reference_backward(x, mean, std, scale, dy, *, centered, n, s, g, k):
     grad = dy * _channel(view, scale)
     mean_grad = jnp.mean(grad, _AXES, keepdims=True) if centered else 0.0
     dx = (grad - mean_grad - xhat * jnp.mean(grad * xhat, _AXES, keepdims=True)) / _group(std)
-    axes = (0, 1) if scale.size == g * k else (0, 1, 3)
-    dscale, dbias = jnp.sum(dy * xhat, axes).reshape(-1), jnp.sum(dy, axes).reshape(-1)
+
+    def per_entry(value):  # summed over (N, S) and over each entry's run
+        return jnp.sum(value, (0, 1)).reshape(g, scale.size // g, -1).sum(-1).reshape(-1)
+
+    dscale, dbias = per_entry(dy * xhat), per_entry(dy)
     return dx.astype(x.dtype).reshape(x.shape), dscale, dbias
 
 

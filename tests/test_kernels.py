@@ -48,6 +48,17 @@ CASES = [
     # Channels first: rows with scale and bias per group (one per channel, constant along the row).
     ("instance, channels first", jbn.instance_norm, (3, 6, 4, 5), {"feature_axes": 1}, (3, 1, 6, 20)),
     ("rms, channels first", jbn.rms_norm, (3, 6, 20), {"reduction_axes": 2, "feature_axes": 1}, (3, 1, 6, 20)),
+    # Channels first, scale per channel inside each row: one entry per H * W run (16 or more elements), or expanded
+    # to every element (shorter runs).
+    ("group, channels first", jbn.group_norm, (2, 8, 4, 5), {"num_groups": 4, "feature_axes": 1}, (2, 1, 4, 40)),
+    (
+        "layer, channels first",
+        jbn.layer_norm,
+        (2, 3, 4, 5),
+        {"reduction_axes": (1, 2, 3), "feature_axes": 1},
+        (2, 1, 1, 60),
+    ),
+    ("group, short planes", jbn.group_norm, (2, 8, 2, 3), {"num_groups": 2, "feature_axes": 1}, (2, 1, 2, 24)),
     # RMS norm over planes: nothing centered, also when slices of one example are pooled.
     ("rms over planes", jbn.rms_norm, (3, 4, 6), {"reduction_axes": 1}, (3, 4, 6, 1)),
     ("rms over long runs", jbn.rms_norm, (2, 3, 2, 32), {"reduction_axes": (1, 3), "feature_axes": 2}, (2, 3, 2, 32)),
@@ -74,8 +85,11 @@ def _expected(fn, x, scale, bias, kwargs):
     x, scale, bias = f64(x), f64(scale), None if bias is None else f64(bias)
     if fn is jbn.rms_norm:
         return reference.rms_norm(x, scale, **kwargs)
+    if fn is jbn.group_norm:  # whose oracle takes its one channel axis as feature_axis
+        kwargs = {("feature_axis" if key == "feature_axes" else key): value for key, value in kwargs.items()}
+        return reference.group_norm(x, scale, bias, **kwargs)
     oracle = {jbn.layer_norm: reference.layer_norm, jbn.instance_norm: reference.instance_norm}
-    return oracle.get(fn, reference.group_norm)(x, scale, bias, **kwargs)
+    return oracle[fn](x, scale, bias, **kwargs)
 
 
 def _loss_grads(fn, kwargs, x, scale, bias, cotangent):
@@ -283,8 +297,16 @@ def test_few_examples_split_into_slices_pool_exactly(fn, shape, kwargs):
         (jbn.layer_norm, (16, 64, 4, 256), {"reduction_axes": (1, 3), "feature_axes": 2}),
         (jbn.layer_norm, (8, 256, 512), {}),
         (jbn.instance_norm, (16, 64, 32, 32), {"feature_axes": 1}),
+        (jbn.group_norm, (8, 64, 32, 32), {"num_groups": 32, "feature_axes": 1}),
     ],
-    ids=["whole examples", "slices of two examples", "scale per group", "rows", "rows, scale per group"],
+    ids=[
+        "whole examples",
+        "slices of two examples",
+        "scale per group",
+        "rows",
+        "rows, scale per group",
+        "rows, per plane",
+    ],
 )
 def test_large_outputs_stored_around_the_cache_equal_the_xla_path(fn, shape, kwargs, monkeypatch):
     """float32 outputs of 4 MiB and more go out in non-temporal stores, a 64-byte line of 16 channels at a time."""

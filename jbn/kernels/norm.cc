@@ -174,13 +174,15 @@ inline float GradientOf(float v, float grad, float hi, float lo, float inv, floa
   return inv * (grad * scale - a - xhat * b);
 }
 
-// Scale and bias per channel (C values) or per group (G values: constant along K; expanded to channels for short
-// runs over planes, see Parameters).
+// Scale and bias with one entry per run of `run` consecutive elements of a group's K: per channel (run 1), per
+// group (run K) or, for rows, per part of a row (channels-first group norm: one entry per H * W plane). Planes
+// take the first two only (see Parameters).
 struct Affine {
   const float* scale;
   const float* bias;
-  bool per_group;
-  int64_t Entry(int64_t c, int64_t k) const { return per_group ? c / k : c; }
+  int64_t run;
+  bool per_group() const { return run > 1; }  // on planes, where the run is 1 or K
+  int64_t Entry(int64_t c) const { return c / run; }
 };
 
 // ---- Rows (S == 1): each (n, g) is one contiguous run of K elements, handled in registers. ----
@@ -231,7 +233,7 @@ double RunSum(int64_t K, F&& term) {
 }
 
 template <typename T>
-void RowForward(const T* x, const float* scale, const float* bias, bool per_group, T* y, int64_t K, double eps,
+void RowForward(const T* x, const float* scale, const float* bias, int64_t run, T* y, int64_t K, double eps,
                 bool centered, float* mean_out, float* std_out, float* var_out, bool stream) {
   // One pass of d = x - shift and d^2 in double, the shift being the first element (see SliceMoments).
   const double shift = centered ? Load(x, 0) : 0.0;
@@ -246,29 +248,35 @@ void RowForward(const T* x, const float* scale, const float* bias, bool per_grou
   const double var = centered ? std::max(0.0, (sq - sum * (sum / K)) / K) : sq / K;
   SetStatistics(m, var, eps, mean_out, std_out, var_out);
   const float hi = mean_out[0], lo = mean_out[1], r = static_cast<float>(1.0 / std::sqrt(var + eps));
-  if (per_group) {
-    const float sg = scale[0], bg = bias[0];
-    return PutRow(y, K, stream, [&](int64_t k) { return OutputOf(Load(x, k), hi, lo, r, sg, bg); });
+  if (run == 1) {
+    return PutRow(y, K, stream, [&](int64_t k) { return OutputOf(Load(x, k), hi, lo, r, scale[k], bias[k]); });
   }
-  PutRow(y, K, stream, [&](int64_t k) { return OutputOf(Load(x, k), hi, lo, r, scale[k], bias[k]); });
+  for (int64_t j = 0; j < K / run; ++j) {
+    const int64_t o = j * run;
+    const float sj = scale[j], bj = bias[j];
+    PutRow(y + o, run, stream, [=](int64_t k) { return OutputOf(Load(x, o + k), hi, lo, r, sj, bj); });
+  }
 }
 
-// dx of one row, and its dy * xhat and dy added to dscale and dbias: per channel (K entries, float) or, with scale
-// per group, to the group's one entry (double).
+// dx of one row, and its dy * xhat and dy added to dscale and dbias: per channel (K entries, float) or, with one
+// scale entry per run of `run` elements, to the runs' entries (double).
 template <typename T, typename U>
-void RowBackward(const T* x, const float* mean, float std, const float* scale, bool per_group, const U* dy, T* dx,
-                 float* dscale, float* dbias, double* group_dscale, double* group_dbias, int64_t K, bool centered,
+void RowBackward(const T* x, const float* mean, float std, const float* scale, int64_t run, const U* dy, T* dx,
+                 float* dscale, float* dbias, double* run_dscale, double* run_dbias, int64_t K, bool centered,
                  bool stream) {
   const float hi = mean[0], lo = mean[1], r = static_cast<float>(1.0 / std);
-  auto xhat = [&](int64_t k) { return (Load(x, k) - hi - lo) * r; };
-  double sum_g, sum_gx;
-  if (per_group) {
-    const double sum_dy = RunSum(K, [&](int64_t k) { return Load(dy, k); });
-    const double sum_dyx = RunSum(K, [&](int64_t k) { return Load(dy, k) * xhat(k); });
-    *group_dscale += sum_dyx;
-    *group_dbias += sum_dy;
-    sum_g = centered ? scale[0] * sum_dy : 0.0;
-    sum_gx = scale[0] * sum_dyx;
+  auto xhat = [=](int64_t k) { return (Load(x, k) - hi - lo) * r; };
+  double sum_g = 0.0, sum_gx = 0.0;
+  if (run > 1) {
+    for (int64_t j = 0; j < K / run; ++j) {
+      const int64_t o = j * run;  // the run's offset (by value in the lambdas: a reference would slow them down)
+      const double sum_dy = RunSum(run, [=](int64_t k) { return Load(dy, o + k); });
+      const double sum_dyx = RunSum(run, [=](int64_t k) { return Load(dy, o + k) * xhat(o + k); });
+      run_dscale[j] += sum_dyx;
+      run_dbias[j] += sum_dy;
+      sum_g += centered ? scale[j] * sum_dy : 0.0;
+      sum_gx += scale[j] * sum_dyx;
+    }
   } else {
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k) {
@@ -280,22 +288,27 @@ void RowBackward(const T* x, const float* mean, float std, const float* scale, b
     sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * xhat(k); });
   }
   const float a = static_cast<float>(sum_g / K), b = static_cast<float>(sum_gx / K);
-  if (per_group) {
-    const float sg = scale[0];
-    return PutRow(dx, K, stream, [&](int64_t k) { return GradientOf(Load(x, k), Load(dy, k), hi, lo, r, sg, a, b); });
+  if (run == 1) {
+    return PutRow(dx, K, stream,
+                  [&](int64_t k) { return GradientOf(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); });
   }
-  PutRow(dx, K, stream, [&](int64_t k) { return GradientOf(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); });
+  for (int64_t j = 0; j < K / run; ++j) {
+    const int64_t o = j * run;
+    const float sj = scale[j];
+    PutRow(dx + o, run, stream,
+           [=](int64_t k) { return GradientOf(Load(x, o + k), Load(dy, o + k), hi, lo, r, sj, a, b); });
+  }
 }
 
 template <typename T>
 void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine& affine, T* y, Statistics out,
                  double eps, bool centered) {
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g;
-  const bool stream = Streams(y, d.n * d.example(), d.k);
+  const bool stream = Streams(y, d.n * d.example(), affine.run > 1 ? affine.run : d.k);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     for (int64_t i = Split(chunk, chunks, rows); i < Split(chunk + 1, chunks, rows); ++i) {
-      const int64_t e = affine.per_group ? i % d.g : (i % d.g) * d.k;
-      RowForward(x + i * d.k, affine.scale + e, affine.bias + e, affine.per_group, y + i * d.k, d.k, eps, centered,
+      const int64_t e = affine.Entry((i % d.g) * d.k);
+      RowForward(x + i * d.k, affine.scale + e, affine.bias + e, affine.run, y + i * d.k, d.k, eps, centered,
                  out.mean + 2 * i, out.std + i, out.var + i, stream);
     }
     if (stream) StreamFence();
@@ -305,22 +318,23 @@ void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine&
 template <typename T, typename U>
 void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
                   const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
-  const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, P = affine.per_group ? d.g : d.channels();
+  const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, P = d.channels() / affine.run;
   std::vector<double> partial(2 * P * chunks, 0.0);  // per chunk: dscale, then dbias, per scale entry
-  const bool stream = Streams(dx, d.n * d.example(), d.k);
+  const bool per_channel = affine.run == 1;
+  const bool stream = Streams(dx, d.n * d.example(), per_channel ? d.k : affine.run);
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
-    // Per channel, dscale and dbias are summed in float over blocks of kFloatBlock rows, then in double. Per
-    // group, each row's sums are double already.
+    // Per channel, dscale and dbias are summed in float over blocks of kFloatBlock rows, then in double. Per run,
+    // each row's sums are double already.
     double* ds = partial.data() + 2 * P * chunk;
-    std::vector<float> block(affine.per_group ? 0 : 2 * P, 0.0f);
+    std::vector<float> block(per_channel ? 2 * P : 0, 0.0f);
     const int64_t begin = Split(chunk, chunks, rows), end = Split(chunk + 1, chunks, rows);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = i % d.g, e = affine.per_group ? g : g * d.k;
+      const int64_t e = affine.Entry((i % d.g) * d.k);
       float *block_ds = nullptr, *block_db = nullptr;
-      if (!affine.per_group) block_ds = block.data() + e, block_db = block.data() + P + e;
-      RowBackward(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.per_group, dy + i * d.k, dx + i * d.k,
-                  block_ds, block_db, ds + g, ds + P + g, d.k, centered, stream);
-      if (!affine.per_group && ((i - begin + 1) % kFloatBlock == 0 || i + 1 == end)) {
+      if (per_channel) block_ds = block.data() + e, block_db = block.data() + P + e;
+      RowBackward(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.run, dy + i * d.k, dx + i * d.k,
+                  block_ds, block_db, ds + e, ds + P + e, d.k, centered, stream);
+      if (per_channel && ((i - begin + 1) % kFloatBlock == 0 || i + 1 == end)) {
 #pragma omp simd
         for (int64_t c = 0; c < 2 * P; ++c) ds[c] += block[c];
         std::fill(block.begin(), block.end(), 0.0f);
@@ -378,7 +392,7 @@ void StreamOutputs(const float* rows, float* results, int64_t count, const Dims&
   for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
     float hc[kLanes], lc[kLanes], rc[kLanes], sc[kLanes], bc[kLanes];
     for (int64_t j = 0; j < kLanes; ++j) {
-      const int64_t c = c0 + j, e = affine.Entry(c, d.k);
+      const int64_t c = c0 + j, e = affine.Entry(c);
       hc[j] = h[c], lc[j] = l[c], rc[j] = r[c], sc[j] = affine.scale[e], bc[j] = affine.bias[e];
     }
     for (int64_t s = 0; s < count; ++s) {
@@ -401,7 +415,7 @@ void StreamGradients(const float* rows, const U* grads, float* results, int64_t 
     float hc[kLanes], lc[kLanes], rc[kLanes], sc[kLanes], ac[kLanes], bc[kLanes];
     for (int64_t j = 0; j < kLanes; ++j) {
       const int64_t c = c0 + j;
-      hc[j] = h[c], lc[j] = l[c], rc[j] = r[c], sc[j] = affine.scale[affine.Entry(c, d.k)];
+      hc[j] = h[c], lc[j] = l[c], rc[j] = r[c], sc[j] = affine.scale[affine.Entry(c)];
       ac[j] = a[c], bc[j] = b[c];
     }
     for (int64_t s = 0; s < count; ++s) {
@@ -587,7 +601,7 @@ void SliceOutput(const Dims& d, const T* x, const Affine& affine, T* y, const Sl
     for (int64_t s = 0; s < last - first; ++s) {
       const T* row = rows + s * C;
       T* result = results + s * C;
-      if (affine.per_group) {
+      if (affine.per_group()) {
         for (int64_t g = 0; g < d.g; ++g) {
           const int64_t c0 = g * d.k;
           const float hg = h[c0], lg = l[c0], rg = r[c0], sg = affine.scale[g], bg = affine.bias[g];
@@ -677,7 +691,7 @@ void SumGradientChunk(const T* rows, const U* grads, int64_t count, int64_t stri
 template <typename T, typename U>
 void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
                     const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
-  const int64_t C = d.channels(), count = d.s * d.k, params = affine.per_group ? d.g : C;
+  const int64_t C = d.channels(), count = d.s * d.k, params = affine.per_group() ? d.g : C;
   const Tasks tasks = PlaneTasks(d, pool);
   ChannelStatistics stats;
   stats.Fill(d, mean, std);
@@ -722,7 +736,7 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
         const T* row = rows + s * C;
         const U* grad = grads + s * C;
         T* result = results + s * C;
-        if (affine.per_group) {
+        if (affine.per_group()) {
           for (int64_t g = 0; g < d.g; ++g) {
             const int64_t c0 = g * d.k;
             const float hg = h[c0], lg = l[c0], rg = r[c0], sg = affine.scale[g], ag = an[c0], bg = bn[c0];
@@ -752,7 +766,7 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
     double* sum_dy = sum_dyx + params;
     const int64_t o = slice.n * C;
     const float *h = stats.hi.data() + o, *l = stats.lo.data() + o, *r = stats.inv.data() + o;
-    if (affine.per_group) {
+    if (affine.per_group()) {
       for (int64_t s = slice.begin; s < slice.end; ++s) {
         const T* row = x + (slice.n * d.s + s) * C;
         const U* grad = dy + (slice.n * d.s + s) * C;
@@ -773,8 +787,8 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
     } else if (C % kLanes == 0) {
       const int64_t first = (slice.n * d.s + slice.begin) * C;
       ForChannelChunks(C, [&](auto width, int64_t c0) {
-        SumGradientChunk<decltype(width)::value>(x + first + c0, dy + first + c0, slice.end - slice.begin, C, h + c0, l + c0, r + c0,
-                            sum_dy + c0, sum_dyx + c0);
+        SumGradientChunk<decltype(width)::value>(x + first + c0, dy + first + c0, slice.end - slice.begin, C, h + c0,
+                                                 l + c0, r + c0, sum_dy + c0, sum_dyx + c0);
       });
     } else {
       std::vector<float> block(2 * C);
@@ -798,7 +812,7 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
         }
       }
     }
-    const int64_t run = affine.per_group ? 1 : d.k;
+    const int64_t run = affine.per_group() ? 1 : d.k;
     for (int64_t g = 0; g < d.g; ++g) {
       for (int64_t p = g * run; p < (g + 1) * run; ++p) {
         sum_g[g] += affine.scale[p] * sum_dy[p];
@@ -824,24 +838,29 @@ std::optional<Dims> DimsOf(const ffi::AnyBuffer& x, int64_t n, int64_t s, int64_
   return Dims{n, s, g, k};
 }
 
-// Scale and bias come per channel (C) or per group (G, constant along K). Per group is kept for rows and for long
-// runs over planes; for short runs over planes it is expanded to channels (and dscale, dbias folded back).
+// Scale and bias come with one entry per run of elements within each group's K (see Affine): C entries (per
+// channel), G (per group) or in between, each run dividing K. Where the kernels do not take the given run, the
+// entries are expanded to channels (and dscale, dbias folded back).
+bool ValidEntries(const Dims& d, int64_t size) {
+  return size > 0 && d.channels() % size == 0 && d.k % (d.channels() / size) == 0;
+}
+
 struct Parameters {
   Affine affine;
   std::vector<float> scale, bias;
-  bool expanded = false;
+  int64_t given_run;  // the run of the entries as given; affine.run is 1 where they were expanded to channels
 
-  Parameters(const Dims& d, const float* scale_in, const float* bias_in, int64_t size) {
-    affine = Affine{scale_in, bias_in, size != d.channels()};
-    if (affine.per_group && d.s > 1 && d.k < 16) {
+  Parameters(const Dims& d, const float* scale_in, const float* bias_in, int64_t size)
+      : given_run(d.channels() / size) {
+    affine = Affine{scale_in, bias_in, given_run};
+    const bool planes = d.s > 1;
+    // Planes take per group only for long runs, and nothing between channel and group; rows take runs of 16 or more.
+    const bool part_of_group = given_run > 1 && given_run < d.k;
+    if ((given_run > 1 && planes && d.k < 16) || (part_of_group && (planes || given_run < 16))) {
       scale.resize(d.channels());
       bias.resize(d.channels());
-      for (int64_t g = 0; g < d.g; ++g) {
-        std::fill_n(scale.data() + g * d.k, d.k, scale_in[g]);
-        std::fill_n(bias.data() + g * d.k, d.k, bias_in[g]);
-      }
-      affine = Affine{scale.data(), bias.data(), false};
-      expanded = true;
+      for (int64_t c = 0; c < d.channels(); ++c) scale[c] = scale_in[c / given_run], bias[c] = bias_in[c / given_run];
+      affine = Affine{scale.data(), bias.data(), 1};
     }
   }
 };
@@ -861,7 +880,7 @@ template <typename T, typename U>
 void Backward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
               const float* scale, int64_t size, const U* dy, T* dx, float* dscale, float* dbias, bool centered) {
   const Parameters params(d, scale, scale, size);  // the bias plays no part in reverse mode
-  const int64_t entries = params.affine.per_group ? d.g : d.channels();
+  const int64_t entries = d.channels() / params.affine.run;
   std::vector<double> ds(entries, 0.0), db(entries, 0.0);
   if (d.s == 1) {
     RowsBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), centered);
@@ -870,7 +889,7 @@ void Backward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mea
   }
   std::vector<double> fs(size, 0.0), fb(size, 0.0);
   for (int64_t e = 0; e < entries; ++e) {
-    const int64_t p = params.expanded ? e / d.k : e;
+    const int64_t p = e * params.affine.run / params.given_run;
     fs[p] += ds[e];
     fb[p] += db[e];
   }
@@ -893,8 +912,8 @@ ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   const Dims d = *view;
   const Statistics out{mean->typed_data(), std->typed_data(), var->typed_data()};
   const int64_t size = static_cast<int64_t>(scale.element_count());
-  if ((size != d.channels() && size != d.g) || static_cast<int64_t>(bias.element_count()) != size) {
-    return ffi::Error::InvalidArgument("jbn: scale and bias must have G * K or G entries");
+  if (!ValidEntries(d, size) || static_cast<int64_t>(bias.element_count()) != size) {
+    return ffi::Error::InvalidArgument("jbn: scale and bias need one entry per run of elements dividing K");
   }
   if (x.element_type() != y->element_type()) return ffi::Error::InvalidArgument("jbn: x and y dtypes differ");
   if (IsF32(x)) {
@@ -935,8 +954,8 @@ ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   const Dims d = *view;
   if (x.element_type() != dx->element_type()) return ffi::Error::InvalidArgument("jbn: x and dx dtypes differ");
   const int64_t size = static_cast<int64_t>(scale.element_count());
-  if (size != d.channels() && size != d.g) {
-    return ffi::Error::InvalidArgument("jbn: scale must have G * K or G entries");
+  if (!ValidEntries(d, size)) {
+    return ffi::Error::InvalidArgument("jbn: scale needs one entry per run of elements dividing K");
   }
   if (IsF32(x)) {
     return BackwardFor<float>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy, *dx,
