@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE__)
@@ -354,8 +355,8 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
 //
 // Each task sums its slice's shifted moments in one pass; slices are pooled with Chan's formula
 // (M2 = sum of M2_t + n_t (mean_t - mean)^2), which is exact. Short runs (K < 16: channels last) are summed per
-// channel, vectorized across C (in registers, chunk by chunk, where C is a multiple of kLanes; see
-// kRegisterChannels); long runs in registers per run.
+// channel, vectorized across C, in registers chunk by chunk (see kRegisterChannels); long runs in registers per
+// run.
 //
 // A task takes a whole example where there are enough examples to go round and the example has at most
 // kSliceElements: then its second pass (y, or dx) reads the example from cache (L2, or the L3 it was evicted to).
@@ -435,29 +436,32 @@ struct SliceScratch {
   std::vector<double> channel, shift;
 };
 
-// Per-channel sums over a slice's rows go chunk by chunk of at most kRegisterChannels channels (a multiple of
-// kLanes), the chunk's sums in registers over the rows; kept in memory, each row's sums would wait on the previous
-// row's (store-to-load latency).
-constexpr int64_t kRegisterChannels = 4 * kLanes;
+// Per-channel sums over a slice's rows go chunk by chunk of at most kRegisterChannels channels, the chunk's sums
+// in registers over the rows (kept in memory, each row's sums would wait on the previous row's stores). Chunks are
+// a multiple of kChunkChannels (one vector of doubles) wide, except a last one of fewer.
+constexpr int64_t kChunkChannels = 8, kRegisterChannels = 64;
+using ChunkWidths = std::integer_sequence<int64_t, 1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40, 48, 56, 64>;
 
-// Calls chunk(width, c0) for the chunks covering C channels (a multiple of kLanes), each of W * kLanes channels
-// from c0, with W as the compile-time constant `width` (a std::integral_constant).
+template <typename F, int64_t... Widths>
+void CallWithWidth(int64_t width, int64_t c0, F& chunk, std::integer_sequence<int64_t, Widths...>) {
+  ((width == Widths && (chunk(std::integral_constant<int64_t, Widths>{}, c0), true)) || ...);
+}
+
+// Calls chunk(width, c0) for the chunks covering C channels, each of `width` channels from c0, `width` a
+// compile-time constant (a std::integral_constant).
 template <typename F>
 void ForChannelChunks(int64_t C, F&& chunk) {
-  for (int64_t c0 = 0; c0 < C; c0 += kRegisterChannels) {
-    switch (std::min(C - c0, kRegisterChannels) / kLanes) {
-      case 1: chunk(std::integral_constant<int, 1>{}, c0); break;
-      case 2: chunk(std::integral_constant<int, 2>{}, c0); break;
-      case 3: chunk(std::integral_constant<int, 3>{}, c0); break;
-      default: chunk(std::integral_constant<int, 4>{}, c0); break;
-    }
+  for (int64_t c0 = 0; c0 < C;) {
+    const int64_t left = std::min(C - c0, kRegisterChannels);
+    const int64_t width = left < kChunkChannels ? left : left - left % kChunkChannels;
+    CallWithWidth(width, c0, chunk, ChunkWidths{});
+    c0 += width;
   }
 }
 
-// Sums of d = x - shift and d^2 per channel of one chunk of W * kLanes channels, over `count` rows `stride` apart.
-template <int W, typename T>
+// Sums of d = x - shift and d^2 per channel of one chunk of C channels, over `count` rows `stride` apart.
+template <int64_t C, typename T>
 void SumChunk(const T* rows, int64_t count, int64_t stride, const double* shift, double* sum, double* sq) {
-  constexpr int64_t C = W * kLanes;
   double s[C] = {}, q[C] = {}, c[C];
   for (int64_t j = 0; j < C; ++j) c[j] = shift[j];
   for (int64_t r = 0; r < count; ++r) {
@@ -507,22 +511,11 @@ void SliceMoments(const Dims& d, const T* x, const Slice& slice, bool centered, 
         sq[g * d.k] += run_sq;
       }
     }
-  } else if (C % kLanes == 0) {
+  } else {
     const T* rows = base + slice.begin * C;
     ForChannelChunks(C, [&](auto width, int64_t c0) {
       SumChunk<decltype(width)::value>(rows + c0, slice.end - slice.begin, C, shift.data() + c0, sum + c0, sq + c0);
     });
-  } else {
-    const double* c = shift.data();
-    for (int64_t s = slice.begin; s < slice.end; ++s) {
-      const T* row = base + s * C;
-#pragma omp simd
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const double v = Load(row, ch) - c[ch];
-        sum[ch] += v;
-        sq[ch] += v * v;
-      }
-    }
   }
   for (int64_t g = 0; g < d.g; ++g) {
     double group_sum = 0.0, group_sq = 0.0;
@@ -663,11 +656,11 @@ void Totals(const Dims& d, const Tasks& tasks, const std::vector<double>& partia
   }
 }
 
-// Those sums for one chunk of W * kLanes channels (see kRegisterChannels) over `count` rows `stride` apart.
-template <int W, typename T, typename U>
+// The backward pass's per-channel sums of dy and dy * xhat (see kFloatBlock) for one chunk of C channels (see
+// kRegisterChannels) over `count` rows `stride` apart.
+template <int64_t C, typename T, typename U>
 void SumGradientChunk(const T* rows, const U* grads, int64_t count, int64_t stride, const float* h, const float* l,
                       const float* r, double* sum_dy, double* sum_dyx) {
-  constexpr int64_t C = W * kLanes;
   float hc[C], lc[C], rc[C];
   for (int64_t j = 0; j < C; ++j) hc[j] = h[j], lc[j] = l[j], rc[j] = r[j];
   double total_dy[C] = {}, total_dyx[C] = {};
@@ -784,33 +777,12 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
           sum_dyx[g] += dyx_sum;
         }
       }
-    } else if (C % kLanes == 0) {
+    } else {
       const int64_t first = (slice.n * d.s + slice.begin) * C;
       ForChannelChunks(C, [&](auto width, int64_t c0) {
         SumGradientChunk<decltype(width)::value>(x + first + c0, dy + first + c0, slice.end - slice.begin, C, h + c0,
                                                  l + c0, r + c0, sum_dy + c0, sum_dyx + c0);
       });
-    } else {
-      std::vector<float> block(2 * C);
-      float *b_dy = block.data(), *b_dyx = b_dy + C;
-      for (int64_t first = slice.begin; first < slice.end; first += kFloatBlock) {
-        std::fill_n(b_dy, 2 * C, 0.0f);
-        for (int64_t s = first; s < std::min(slice.end, first + kFloatBlock); ++s) {
-          const T* row = x + (slice.n * d.s + s) * C;
-          const U* grad = dy + (slice.n * d.s + s) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float gr = Load(grad, c);
-            b_dy[c] += gr;
-            b_dyx[c] += gr * ((Load(row, c) - h[c] - l[c]) * r[c]);
-          }
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          sum_dy[c] += b_dy[c];
-          sum_dyx[c] += b_dyx[c];
-        }
-      }
     }
     const int64_t run = affine.per_group() ? 1 : d.k;
     for (int64_t g = 0; g < d.g; ++g) {
