@@ -32,7 +32,11 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 class Layout(NamedTuple):
-    """x as ``(n, s, g, k)``; G's axes of x are ``[groups_from, runs_from)``, K's ``[runs_from, x.ndim)``."""
+    """x as ``(n, s, g, k)``; G's axes of x are ``[groups_from, runs_from)``, K's ``[runs_from, x.ndim)``.
+
+    Scale and bias have one entry per position of x's axes ``[groups_from, entries_until)``: they are constant
+    along the axes after (see `standardize`).
+    """
 
     n: int
     s: int
@@ -40,6 +44,7 @@ class Layout(NamedTuple):
     k: int
     groups_from: int
     runs_from: int
+    entries_until: int
 
 
 def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
@@ -74,7 +79,8 @@ def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
         return None
     shape = x.shape
     sizes = (shape[:s_from], shape[s_from:g_from], shape[g_from:k_from], shape[k_from:])
-    return Layout(*(int(np.prod(part, dtype=np.int64)) for part in sizes), groups_from=g_from, runs_from=k_from)
+    until = max(k_from, max(varying, default=0) + 1)  # past the last axis of K along which scale or bias vary
+    return Layout(*(int(np.prod(part, dtype=np.int64)) for part in sizes), g_from, k_from, until)
 
 
 def _runs(ndim, reduced, varying):
@@ -118,15 +124,12 @@ def standardize(x, scale, bias, plan: Layout, *, epsilon, centered):
     ``(G * K,)`` where they vary along K's last axis. x goes in its own shape, the view as attributes: XLA:CPU
     copies a bfloat16 array to reshape it.
     """
-    params = [v for v in (scale, bias) if v is not None]
-    varying = [axis for v in params for axis, size in enumerate(v.shape) if size != 1 and axis >= plan.runs_from]
-    until = max(varying, default=plan.runs_from - 1) + 1
+    shape = x.shape[plan.groups_from : plan.entries_until]
 
     def entries(value, default):
-        shape = x.shape[plan.groups_from : until]
         if value is None:
             return jnp.full((int(np.prod(shape, dtype=np.int64)),), default, jnp.float32)
-        value = value.reshape(value.shape[plan.groups_from : until])
+        value = value.reshape(value.shape[plan.groups_from : plan.entries_until])
         return jnp.broadcast_to(value, shape).reshape(-1).astype(jnp.float32)
 
     view = tuple(np.int64(size) for size in plan[:4])

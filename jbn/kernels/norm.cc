@@ -184,6 +184,7 @@ struct Affine {
   int64_t run;
   bool per_group() const { return run > 1; }  // on planes, where the run is 1 or K
   int64_t Entry(int64_t c) const { return c / run; }
+  int64_t Piece(int64_t k) const { return run > 1 ? run : k; }  // what one PutRow of a row of K writes
 };
 
 // ---- Rows (S == 1): each (n, g) is one contiguous run of K elements, handled in registers. ----
@@ -305,7 +306,7 @@ template <typename T>
 void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine& affine, T* y, Statistics out,
                  double eps, bool centered) {
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g;
-  const bool stream = Streams(y, d.n * d.example(), affine.run > 1 ? affine.run : d.k);
+  const bool stream = Streams(y, d.n * d.example(), affine.Piece(d.k));
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     for (int64_t i = Split(chunk, chunks, rows); i < Split(chunk + 1, chunks, rows); ++i) {
       const int64_t e = affine.Entry((i % d.g) * d.k);
@@ -322,7 +323,7 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, P = d.channels() / affine.run;
   std::vector<double> partial(2 * P * chunks, 0.0);  // per chunk: dscale, then dbias, per scale entry
   const bool per_channel = affine.run == 1;
-  const bool stream = Streams(dx, d.n * d.example(), per_channel ? d.k : affine.run);
+  const bool stream = Streams(dx, d.n * d.example(), affine.Piece(d.k));
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     // Per channel, dscale and dbias are summed in float over blocks of kFloatBlock rows, then in double. Per run,
     // each row's sums are double already.
@@ -784,9 +785,9 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
                                                  l + c0, r + c0, sum_dy + c0, sum_dyx + c0);
       });
     }
-    const int64_t run = affine.per_group() ? 1 : d.k;
+    const int64_t per_group = affine.per_group() ? 1 : d.k;  // scale entries
     for (int64_t g = 0; g < d.g; ++g) {
-      for (int64_t p = g * run; p < (g + 1) * run; ++p) {
+      for (int64_t p = g * per_group; p < (g + 1) * per_group; ++p) {
         sum_g[g] += affine.scale[p] * sum_dy[p];
         sum_gx[g] += affine.scale[p] * sum_dyx[p];
       }
@@ -817,6 +818,14 @@ bool ValidEntries(const Dims& d, int64_t size) {
   return size > 0 && d.channels() % size == 0 && d.k % (d.channels() / size) == 0;
 }
 
+// The runs the loops take as given: per channel anywhere; on planes, per group of long runs; on rows, per group or
+// per part of a row of 16 elements or more.
+bool TakesRun(const Dims& d, int64_t run) {
+  if (run == 1) return true;
+  if (d.s > 1) return run == d.k && d.k >= 16;
+  return run == d.k || run >= 16;
+}
+
 struct Parameters {
   Affine affine;
   std::vector<float> scale, bias;
@@ -825,10 +834,7 @@ struct Parameters {
   Parameters(const Dims& d, const float* scale_in, const float* bias_in, int64_t size)
       : given_run(d.channels() / size) {
     affine = Affine{scale_in, bias_in, given_run};
-    const bool planes = d.s > 1;
-    // Planes take per group only for long runs, and nothing between channel and group; rows take runs of 16 or more.
-    const bool part_of_group = given_run > 1 && given_run < d.k;
-    if ((given_run > 1 && planes && d.k < 16) || (part_of_group && (planes || given_run < 16))) {
+    if (!TakesRun(d, given_run)) {
       scale.resize(d.channels());
       bias.resize(d.channels());
       for (int64_t c = 0; c < d.channels(); ++c) scale[c] = scale_in[c / given_run], bias[c] = bias_in[c / given_run];
