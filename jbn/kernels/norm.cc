@@ -785,9 +785,9 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
                                                  l + c0, r + c0, sum_dy + c0, sum_dyx + c0);
       });
     }
-    const int64_t per_group = affine.per_group() ? 1 : d.k;  // scale entries
+    const int64_t group_entries = affine.per_group() ? 1 : d.k;  // scale entries per group
     for (int64_t g = 0; g < d.g; ++g) {
-      for (int64_t p = g * per_group; p < (g + 1) * per_group; ++p) {
+      for (int64_t p = g * group_entries; p < (g + 1) * group_entries; ++p) {
         sum_g[g] += affine.scale[p] * sum_dy[p];
         sum_gx[g] += affine.scale[p] * sum_dyx[p];
       }
