@@ -67,6 +67,11 @@ def workloads(quick: bool) -> list[Workload]:
     ]
 
 
+def wait_jax(value):
+    """Returns once every JAX array in `value` is computed."""
+    return jax.block_until_ready(value)
+
+
 @dataclasses.dataclass
 class Built:
     forward: Callable
@@ -76,6 +81,7 @@ class Built:
     residual_bytes: Callable
     note: str = ""
     to_native: Callable = lambda x: x
+    wait: Callable = wait_jax  # wait(result of forward or train) returns once it is computed
 
 
 def _jax_row(apply, params, state) -> Built:
@@ -252,25 +258,34 @@ def build_equinox(w: Workload) -> Built | None:
     return built
 
 
+def _torch_device(torch) -> str:
+    """PyTorch's device for the rows: its GPU where JAX runs on a GPU and PyTorch sees one, else the CPU."""
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def build_torch(w: Workload) -> Built | None:
     import torch
     import torch.nn.functional as functional
 
-    c = w.channels
-    scale = torch.linspace(0.5, 1.5, c, requires_grad=True)
-    bias = torch.linspace(-0.1, 0.1, c, requires_grad=True)
+    c, device = w.channels, _torch_device(torch)
+    scale = torch.linspace(0.5, 1.5, c, device=device, requires_grad=True)
+    bias = torch.linspace(-0.1, 0.1, c, device=device, requires_grad=True)
     memory_format = torch.channels_last if (w.channels_last and len(w.shape) == 4) else torch.contiguous_format
+
+    def weights(x):
+        """On CUDA, PyTorch's layer and group norm take bfloat16 x only with weights of x's dtype."""
+        return (scale, bias) if device == "cpu" else (scale.to(x.dtype), bias.to(x.dtype))
 
     def layer(x, state):
         if w.norm in ("batch", "batch_eval"):
             mean, var = state
             return functional.batch_norm(x, mean, var, scale, bias, training=w.norm == "batch", momentum=0.01, eps=1e-5)
         if w.norm == "layer":
-            return functional.layer_norm(x, (c,), scale, bias, eps=1e-6)
+            return functional.layer_norm(x, (c,), *weights(x), eps=1e-6)
         if w.norm == "rms":
             return functional.rms_norm(x, (c,), scale, eps=1e-6)
         if w.norm == "group":
-            return functional.group_norm(x, 32, scale, bias, eps=1e-6)
+            return functional.group_norm(x, 32, *weights(x), eps=1e-6)
         return functional.instance_norm(x, weight=scale, bias=bias, eps=1e-6)
 
     def to_torch(x):
@@ -280,9 +295,9 @@ def build_torch(w: Workload) -> Built | None:
         if w.channels_last and len(w.shape) == 4:
             t = t.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
         dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
-        return t.to(dtype)
+        return t.to(device=device, dtype=dtype)
 
-    state = (torch.zeros(c), torch.ones(c))
+    state = (torch.zeros(c, device=device), torch.ones(c, device=device))
 
     def forward(x, params, state):
         with torch.no_grad():
@@ -307,7 +322,12 @@ def build_torch(w: Workload) -> Built | None:
             layer(x, state)
         return sum(saved.values())
 
-    return Built(forward, train, None, state, residual_bytes, to_native=to_torch)
+    def wait(result):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return result
+
+    return Built(forward, train, None, state, residual_bytes, to_native=to_torch, wait=wait)
 
 
 ROWS = {
@@ -320,8 +340,8 @@ ROWS = {
 }
 
 
-def available(names) -> dict:
-    """The rows among `names` whose library imports; the rest are skipped with a note."""
+def available(names) -> tuple[dict, list[str]]:
+    """The rows among `names` whose library imports, and the others, each with the reason it did not."""
     import importlib
 
     modules = {"flax.linen": "flax", "flax.nnx": "flax", "haiku": "haiku", "equinox": "equinox", "torch": "torch"}
@@ -331,6 +351,6 @@ def available(names) -> dict:
             if name in modules:
                 importlib.import_module(modules[name])
             rows[name] = ROWS[name]
-        except ImportError:
-            missing.append(name)
+        except Exception as error:  # not installed, or broken against this JAX (an AttributeError at import)
+            missing.append(f"{name} ({type(error).__name__}: {str(error)[:80]})")
     return rows, missing

@@ -1,16 +1,16 @@
-"""Speed of jbn against Flax (linen, nnx), Haiku, Equinox and PyTorch CPU, forward and forward+backward.
+"""Speed of jbn against Flax (linen, nnx), Haiku, Equinox and PyTorch, forward and forward+backward.
 
     python benchmarks/speed.py                # every workload, float32 and bfloat16, a table on stdout
     python benchmarks/speed.py --quick        # tiny shapes, a smoke test (under a minute)
     python benchmarks/speed.py --json out.json --rows jbn flax.linen torch --dtypes float32
 
 Method. The machine is shared and noisy, so for each workload and mode the rows are timed interleaved in rounds
-(in a shuffled order each round) in one process, after warm-up, each call waited for (``block_until_ready``);
-each round gives a ratio jbn / row, and the table shows its median and interquartile range over rounds. In the
-same rounds a copy of x (read x, write an array of its size) gives the machine's copy bandwidth at that size;
-each row's fraction of that limit counts the bytes a normalization layer must move: forward 2x the bytes of x
-(read x, write y), forward+backward 5x (also read x and dy, write dx). "saved" is what the row keeps for its
-backward pass, as a multiple of the bytes of x.
+(in a shuffled order each round) in one process, after warm-up, each call waited for (``block_until_ready``; on
+an accelerator, `--repeats` calls back to back and a wait for the last); each round gives a ratio jbn / row, and
+the table shows its median and interquartile range over rounds. In the same rounds a copy of x (read x, write an
+array of its size) gives the machine's copy bandwidth at that size; each row's fraction of that limit counts the
+bytes a normalization layer must move: forward 2x the bytes of x (read x, write y), forward+backward 5x (also
+read x and dy, write dx). "saved" is what the row keeps for its backward pass, as a multiple of the bytes of x.
 
 Two settings keep the rows from disturbing each other: glibc is told to keep freed buffers (otherwise every
 call of every row page-faults on fresh memory, which dominates the timings and swings between runs), and
@@ -18,11 +18,13 @@ PyTorch's OpenMP threads sleep instead of spinning after each call (otherwise th
 timed next).
 
 Rows whose library is not installed are skipped (``pip install -e ".[bench]"`` installs them; PyTorch's CPU
-build: ``pip install torch --index-url https://download.pytorch.org/whl/cpu``).
+build: ``pip install torch --index-url https://download.pytorch.org/whl/cpu``). PyTorch runs on the GPU where JAX
+does and PyTorch sees one.
 """
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import sys
@@ -56,29 +58,41 @@ def keep_freed_memory():
     libc.mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
-def _block(value):
-    for leaf in jax.tree.leaves(value):
-        if hasattr(leaf, "block_until_ready"):
-            leaf.block_until_ready()
-    return value
+def time_interleaved(calls: dict, rounds: int, repeats: int = 1) -> dict:
+    """Seconds per call for each named ``(call, wait)``, timed in interleaved rounds: {name: array}.
 
-
-def time_interleaved(calls: dict, rounds: int) -> dict:
-    """Seconds per call for each named zero-argument callable, timed in interleaved rounds: {name: array}.
-
+    `call` takes no arguments; `wait(result)` returns once the result is computed. Each sample is `repeats` calls
+    back to back and one wait for the last (on an accelerator they queue, so the sample measures throughput).
     The order within a round is shuffled (seeded), so that no row always runs right after the same other one.
     """
-    for call in calls.values():
-        _block(call())
-        _block(call())
+    for call, wait in calls.values():
+        wait(call())
+        wait(call())
     times = {name: np.zeros(rounds) for name in calls}
     names, rng = list(calls), np.random.default_rng(0)
     for r in range(rounds):
         for name in rng.permutation(names):
+            call, wait = calls[name]
             start = time.perf_counter()
-            _block(calls[name]())
-            times[name][r] = time.perf_counter() - start
+            for _ in range(repeats - 1):
+                call()
+            wait(call())
+            times[name][r] = (time.perf_counter() - start) / repeats
     return times
+
+
+def _runnable(calls: dict, what: str) -> dict:
+    """The calls that run once without an error; the others are left out with a note on stderr (a peer that
+    cannot run this dtype, e.g. bfloat16 inputs with float32 weights)."""
+    runnable = {}
+    for name, (call, wait) in calls.items():
+        try:
+            wait(call())
+        except Exception as error:
+            print(f"  {what}, {name}: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
+        else:
+            runnable[name] = (call, wait)
+    return runnable
 
 
 def _inputs(workload, dtype):
@@ -87,7 +101,7 @@ def _inputs(workload, dtype):
     return x.astype(dtype), ct.astype(dtype)
 
 
-def run_workload(workload, dtype, rows, rounds):
+def run_workload(workload, dtype, rows, rounds, repeats=1):
     """Times every row on one workload and dtype, both modes; returns a list of result dicts."""
     x, ct = _inputs(workload, dtype)
     built = {}
@@ -99,17 +113,14 @@ def run_workload(workload, dtype, rows, rounds):
     factor = jnp.asarray(1.0, dtype)
     results = []
     for mode in ("forward", "train"):
-        calls = {"copy": lambda: copy(x, factor)}
+        calls = {"copy": (lambda: copy(x, factor), peers.wait_jax)}
         for name, (row, native_x, native_ct) in built.items():
             if mode == "forward":
-                calls[name] = lambda row=row, native_x=native_x: row.forward(native_x, row.params, row.state)
+                call = functools.partial(row.forward, native_x, row.params, row.state)
             else:
-                calls[name] = lambda row=row, a=native_x, c=native_ct: row.train(a, row.params, row.state, c)
-        try:
-            times = time_interleaved(calls, rounds)
-        except Exception as error:  # a peer that cannot run this dtype (e.g. mixed bf16 inputs and f32 weights)
-            print(f"  {workload.name} {mode}: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
-            continue
+                call = functools.partial(row.train, native_x, row.params, row.state, native_ct)
+            calls[name] = (call, row.wait)
+        times = time_interleaved(_runnable(calls, f"{workload.name} {mode}"), rounds, repeats)
         copy_time = np.median(times.pop("copy"))
         reference = times.get("jbn")
         for name, row_times in times.items():
@@ -191,20 +202,28 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", default=None, help="norms to run (batch, layer, ...)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="calls per timed sample, back to back (default: 1 on the CPU, 20 on an accelerator, where one call of "
+        "these sizes takes about as long as launching it)",
+    )
     args = parser.parse_args(argv)
     keep_freed_memory()
     quiet_threads()
     rows, missing = peers.available(args.rows)
     if missing:
-        print(f"skipped (not installed): {', '.join(missing)}", file=sys.stderr)
+        print(f"skipped (not importable): {', '.join(missing)}", file=sys.stderr)
     rounds, dtypes = (5, ["float32"]) if args.quick else (args.rounds, args.dtypes)
+    repeats = args.repeats or (1 if jax.default_backend() == "cpu" else 20)
     results = []
     print(HEADER)
     for workload in peers.workloads(args.quick):
         if args.only and workload.norm not in args.only:
             continue
         for dtype in dtypes:
-            measured = run_workload(workload, jnp.dtype(dtype), rows, rounds)
+            measured = run_workload(workload, jnp.dtype(dtype), rows, rounds, repeats)
             print_rows(measured)
             print(flush=True)
             results += measured
@@ -212,7 +231,8 @@ def main(argv=None):
         print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"jax": jax.__version__, "devices": str(jax.devices()), "results": results}, f, indent=1)
+            device = jax.devices()[0].device_kind
+            json.dump({"jax": jax.__version__, "device": device, "repeats": repeats, "results": results}, f, indent=1)
     return results
 
 

@@ -237,8 +237,10 @@ def updated_state(state: BatchNormState, batch_mean, batch_var, has_data, averag
             updated = momentum * running + (1 - momentum) * batch
         else:
             t = jnp.maximum(count, 1).astype(batch.dtype)
-            m = jnp.asarray(momentum, batch.dtype)  # one rounding of momentum: the first weight is exactly 1
-            weight = 1 / t if averaging.running_average == "cumulative" else (1 - m) / (1 - m**t)
+            m = jnp.asarray(momentum, batch.dtype)
+            # The first weight is 1 by selection: m**1 need not round to m (a GPU's pow does not).
+            debiased = jnp.where(t > 1, (1 - m) / (1 - m**t), 1)
+            weight = 1 / t if averaging.running_average == "cumulative" else debiased
             updated = (1 - weight) * running + weight * batch  # the first batch (weight 1) replaces exactly
         return jnp.where(updates, updated, running).astype(running.dtype)
 

@@ -12,6 +12,16 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 MODES = ["eager", "jit"]
 
 
+def cpu_devices():
+    """The 4 CPU devices conftest makes: cross-device tests run on any machine, one with a single GPU too."""
+    return jax.devices("cpu")[:4]
+
+
+def cpu_mesh():
+    """A mesh of `cpu_devices` along one axis, "devices"."""
+    return jax.make_mesh((4,), ("devices",), devices=cpu_devices())
+
+
 def data(shape, dtype=jnp.float32, seed=0, offset=0.0, spread=1.0):
     """Normal data with a per-position offset pattern, in `dtype`; also returned as float64 of those values."""
     rng = np.random.default_rng(seed)

@@ -15,6 +15,8 @@ import jbn.nnx
 from tests import reference
 from tests.helpers import data, f64
 
+pytestmark = pytest.mark.usefixtures("statistics_path")
+
 NORMS = {  # name: (jbn call, reference call), statistics over every axis but the last for batch norm
     "batch": (
         lambda x, **k: jbn.batch_norm(x, jbn.batch_norm_state(x.shape[-1]), training=True, **k)[0],

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 from tests import reference
-from tests.helpers import data, f64
+from tests.helpers import cpu_mesh, data, f64
 
 MOMENTUM = 0.8
 
@@ -175,7 +175,7 @@ VALID = np.array([1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0], bool)
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_shard_map_gradients_with_uneven_masked_shards_equal_one_device(norm):
     """Synchronized batch norm's backward pass sums across devices; layer norm pools over the mapped axis too."""
-    mesh = jax.make_mesh((4,), ("devices",))
+    mesh = cpu_mesh()
     x = np.array(data((16, 3), offset=2.0))
     x[~VALID] = 7.0  # padding rows: their outputs are ignored by the loss, their statistics by the mask
     weights = data((16, 3), seed=9)

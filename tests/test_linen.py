@@ -187,7 +187,8 @@ def test_lifted_jit_and_remat(transform):
     variables = _Net().init(jax.random.key(0), x, True)
     y, updates = wrapped().apply(variables, x, True, mutable=["batch_stats"])
     expected_y, expected_updates = _Net().apply(variables, x, True, mutable=["batch_stats"])
-    np.testing.assert_allclose(y, expected_y, rtol=1e-6)
+    # One compiled program rounds a little differently from op-by-op dispatch on a GPU (fused multiply-adds).
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5)
     chex.assert_trees_all_close(updates, expected_updates)
 
 

@@ -41,28 +41,30 @@ class _Model(nn.Module):
 
 
 def test_every_batch_norm_of_a_flax_model_gets_its_inputs_population_statistics():
-    model = _Model()
-    variables = model.init(jax.random.key(0), BATCHES[0], True)
-    params = variables["params"]
+    # Full float32 products: a GPU's default (TensorFloat-32) would round the Dense layers' products to ~1e-3.
+    with jax.default_matmul_precision("highest"):
+        model = _Model()
+        variables = model.init(jax.random.key(0), BATCHES[0], True)
+        params = variables["params"]
 
-    def update(batch_stats, x):
-        _, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, True, mutable=["batch_stats"])
-        return updates["batch_stats"]
+        def update(batch_stats, x):
+            _, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, True, mutable=["batch_stats"])
+            return updates["batch_stats"]
 
-    precise = jbn.precise_statistics(update, variables["batch_stats"], BATCHES, momentum=0.9)
-    first_inputs = np.concatenate([np.asarray(b) @ np.asarray(params["Dense_0"]["kernel"]) for b in BATCHES])
-    first_inputs = first_inputs + np.asarray(params["Dense_0"]["bias"])
-    np.testing.assert_allclose(precise["BatchNorm_0"]["mean"], first_inputs.mean(0), rtol=1e-5, atol=1e-4)
-    # Flax's own layer computes its batch variance with E[x^2] - E[x]^2: good to about 1e-3 on these inputs.
-    np.testing.assert_allclose(precise["BatchNorm_0"]["var"], first_inputs.var(0), rtol=1e-3)
+        precise = jbn.precise_statistics(update, variables["batch_stats"], BATCHES, momentum=0.9)
+        first_inputs = np.concatenate([np.asarray(b) @ np.asarray(params["Dense_0"]["kernel"]) for b in BATCHES])
+        first_inputs = first_inputs + np.asarray(params["Dense_0"]["bias"])
+        np.testing.assert_allclose(precise["BatchNorm_0"]["mean"], first_inputs.mean(0), rtol=1e-5, atol=1e-4)
+        # Flax's own layer computes its batch variance with E[x^2] - E[x]^2: good to about 1e-3 on these inputs.
+        np.testing.assert_allclose(precise["BatchNorm_0"]["var"], first_inputs.var(0), rtol=1e-3)
 
-    # The second layer's input depends on the first's batch statistics in training mode; check it against the
-    # inputs that the same training-mode passes produce.
-    second = np.concatenate(
-        [np.asarray(model.apply(variables, b, True, mutable=["batch_stats"])[0][1][1]) for b in BATCHES]
-    )
-    np.testing.assert_allclose(precise["BatchNorm_1"]["mean"], second.mean(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(precise["BatchNorm_1"]["var"], second.var(0), rtol=1e-4)
+        # The second layer's input depends on the first's batch statistics in training mode; check it against the
+        # inputs that the same training-mode passes produce.
+        second = np.concatenate(
+            [np.asarray(model.apply(variables, b, True, mutable=["batch_stats"])[0][1][1]) for b in BATCHES]
+        )
+        np.testing.assert_allclose(precise["BatchNorm_1"]["mean"], second.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(precise["BatchNorm_1"]["var"], second.var(0), rtol=1e-4)
 
 
 def test_empty_batches_and_momentum_1_are_errors():

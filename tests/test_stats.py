@@ -9,6 +9,8 @@ import jbn
 from tests import reference
 from tests.helpers import MODES, call, data, f64
 
+pytestmark = pytest.mark.usefixtures("statistics_path")
+
 # (shape, axes, mask shape or None)
 CASES = [
     ((8, 3), 0, None),

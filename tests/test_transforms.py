@@ -11,7 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 from tests import reference
-from tests.helpers import data, f64
+from tests.helpers import cpu_devices, cpu_mesh, data, f64
+
+pytestmark = pytest.mark.usefixtures("statistics_path")
 
 STATE = jbn.BatchNormState(jnp.array([0.5, -0.5, 1.0]), jnp.array([1.5, 0.5, 2.0]))
 SCALE, BIAS = jnp.array([1.0, 2.0, 0.5]), jnp.array([0.1, -0.2, 0.3])
@@ -114,10 +116,6 @@ def test_training_flag_is_static_under_jit():
     assert not np.allclose(y_train, y_eval)
 
 
-def _mesh():
-    return jax.make_mesh((4,), ("devices",))
-
-
 def _sharded(mesh, *arrays):
     return [jax.device_put(a, NamedSharding(mesh, P("devices"))) for a in arrays]
 
@@ -128,7 +126,7 @@ VALID = np.array([1, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0], bool)
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_shard_map_with_uneven_masked_shards_equals_single_device(offset):
-    mesh = _mesh()
+    mesh = cpu_mesh()
     x = np.array(data((16, 3), offset=offset))
     x[~VALID] = np.nan  # padding rows may hold anything
 
@@ -146,7 +144,7 @@ def test_shard_map_with_uneven_masked_shards_equals_single_device(offset):
 
 
 def test_shard_map_gradients_equal_single_device():
-    mesh = _mesh()
+    mesh = cpu_mesh()
     x = data((16, 3), offset=1.0)
     weights = data((16, 3), seed=9)
 
@@ -169,7 +167,7 @@ def test_shard_map_gradients_equal_single_device():
 
 def test_pmap_equals_single_device():
     x = np.asarray(data((4, 4, 3), offset=2.0))
-    y, state = jax.pmap(functools.partial(_batch_norm, axis_name="p"), axis_name="p")(x)
+    y, state = jax.pmap(functools.partial(_batch_norm, axis_name="p"), axis_name="p", devices=cpu_devices())(x)
     expected_y, expected_state = _batch_norm(jnp.asarray(x.reshape(16, 3)))
     np.testing.assert_allclose(np.asarray(y).reshape(16, 3), expected_y, rtol=1e-5, atol=1e-5)
     for device in range(4):
@@ -179,7 +177,7 @@ def test_pmap_equals_single_device():
 def test_pmap_axis_index_groups_pool_within_groups():
     x = np.asarray(data((4, 4, 3), offset=2.0))
     fn = functools.partial(_batch_norm, axis_name="p", axis_index_groups=[[0, 1], [2, 3]])
-    y, state = jax.pmap(fn, axis_name="p")(x)
+    y, state = jax.pmap(fn, axis_name="p", devices=cpu_devices())(x)
     for group in ([0, 1], [2, 3]):
         expected_y, expected_state = _batch_norm(jnp.asarray(x[group].reshape(8, 3)))
         np.testing.assert_allclose(np.asarray(y)[group].reshape(8, 3), expected_y, rtol=1e-5, atol=1e-5)
