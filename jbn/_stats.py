@@ -201,26 +201,31 @@ def masked_moments(
         return Moments(count, *keep())
     # A mean square of exactly 0 with a nonzero mean means the squares underflowed (data near 1e-30).
     out_of_range = ~jnp.isfinite(mean_square) | ((mean_square < _TINY) & ((mean_square > 0) | (mean != 0)))
-    if _branches_wait_for_the_host():
-        # Every position takes the second pass, rescaled where its squares leave float32's range: no branch.
+
+    def chosen_at_run_time():
+        # The most careful branch any output position needs, in one reduction (the branches are ordered by care).
+        cancels = jnp.square(mean) > _CANCELLATION_LIMIT * var
+        branch = jnp.max(jnp.where(out_of_range, _RESCALE, jnp.where(cancels, _REFINE, _KEEP)), initial=_KEEP)
+        if axis_name is not None:
+            # The branches hold collectives, so every participant must take the same one. Nothing guarantees that
+            # the participants' pooled sums agree to the last bit; a predicate on the edge would split them: a
+            # deadlock. Any participant's choice is exact for all, so they take the most careful one.
+            branch = lax.pmax(branch, axis_name, axis_index_groups=axis_index_groups)
+        return lax.switch(branch, (keep, refine, rescale))
+
+    def branch_free():
+        # Every position takes the second pass, rescaled where its squares leave float32's range.
         scale = jnp.where(out_of_range, scale_of_x(), ones)
-        return Moments(count, *about(scale, jnp.where(jnp.isfinite(mean), mean * scale, 0)))
-    # The most careful branch any output position needs, in one reduction (the branches are ordered by care).
-    cancels = jnp.square(mean) > _CANCELLATION_LIMIT * var
-    branch = jnp.max(jnp.where(out_of_range, _RESCALE, jnp.where(cancels, _REFINE, _KEEP)), initial=_KEEP)
-    if axis_name is not None:
-        # The branches hold collectives, so every participant must take the same one. Nothing guarantees that the
-        # participants' pooled sums agree to the last bit; a predicate on the edge would split them: a deadlock.
-        # Any participant's choice is exact for all, so they take the most careful one.
-        branch = lax.pmax(branch, axis_name, axis_index_groups=axis_index_groups)
-    return Moments(count, *lax.switch(branch, (keep, refine, rescale)))
+        return about(scale, jnp.where(jnp.isfinite(mean), mean * scale, 0))
+
+    branch_free_here = dict.fromkeys(BRANCH_FREE_PLATFORMS, branch_free)
+    return Moments(count, *lax.platform_dependent(default=chosen_at_run_time, **branch_free_here))
 
 
-def _branches_wait_for_the_host() -> bool:
-    """Whether a run-time branch costs more than a pass over x. On a GPU, XLA copies a branch's predicate to the
-    host and waits for it: on an H100 the branch made forward passes up to 2x slower (layer norm on 16x512x768:
-    88 µs against 44 without it), where one more pass over x costs a few µs."""
-    return jax.default_backend() == "gpu"
+# Where a run-time branch costs more than a pass over x. On a GPU, XLA copies a branch's predicate to the host and
+# waits for it: on an H100 the branch made forward passes up to 2x slower (layer norm on 16x512x768: 88 µs against
+# 44 without it), where one more pass over x costs a few µs. Chosen for the platform compiled for, not the default.
+BRANCH_FREE_PLATFORMS = ("cuda", "rocm")
 
 
 def _power_of_two_scale(largest):

@@ -25,8 +25,9 @@ def statistics_path(request):
     """Runs a module's tests both ways `jbn._stats` may take to exact statistics, on any machine: the run-time
     branch (CPU, TPU) and the branch-free second pass (GPU). Caches are cleared so no trace of the other is reused.
     """
+    everywhere = ("cpu", "cuda", "rocm", "tpu") if request.param == "branch-free" else ()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_stats, "_branches_wait_for_the_host", lambda: request.param == "branch-free")
+        patch.setattr(_stats, "BRANCH_FREE_PLATFORMS", everywhere)
         jax.clear_caches()
         yield request.param
         jax.clear_caches()
