@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jbn
+from jbn import _stats
 from tests import reference
 from tests.helpers import MODES, call, data, f64
 
@@ -108,3 +109,18 @@ def test_vmap_with_a_different_path_per_example():
     _, var = jax.vmap(lambda xi: jbn.moments(xi, 0))(x)
     for i in range(2):
         np.testing.assert_allclose(var[i], reference.moments(f64(x[i]), 0)[1], rtol=1e-5)
+
+
+def test_the_platform_compiled_for_decides_whether_the_statistics_branch_at_run_time(monkeypatch):
+    """A GPU runs a branch by waiting for the host, so there the statistics take their second pass unconditionally;
+    the choice is made for the platform compiled for (here by naming this one), not by the default backend."""
+    x = data((64, 8), offset=1e4)
+
+    def conditionals():
+        return jax.jit(lambda x: jbn.moments(x, 0)).lower(x).compile().as_text().count(" conditional(")
+
+    monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", ())
+    assert conditionals() == 1
+    monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", ("cpu", "cuda", "rocm", "tpu"))
+    assert conditionals() == 0
+    np.testing.assert_allclose(jbn.moments(x, 0)[1], reference.moments(f64(x), 0)[1], rtol=1e-5)
