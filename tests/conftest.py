@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from jbn import _stats  # noqa: E402
+from tests.helpers import EVERY_PLATFORM  # noqa: E402
 
 # Property tests: a small profile in CI, a large one on demand (HYPOTHESIS_PROFILE=large python -m pytest ...).
 _PROFILE = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow]}
@@ -25,7 +26,7 @@ def statistics_path(request):
     """Runs a module's tests both ways `jbn._stats` may take to exact statistics, on any machine: the run-time
     branch (CPU, TPU) and the branch-free second pass (GPU). Caches are cleared so no trace of the other is reused.
     """
-    everywhere = ("cpu", "cuda", "rocm", "tpu") if request.param == "branch-free" else ()
+    everywhere = EVERY_PLATFORM if request.param == "branch-free" else ()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_stats, "BRANCH_FREE_PLATFORMS", everywhere)
         jax.clear_caches()

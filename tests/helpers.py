@@ -10,6 +10,7 @@ import numpy as np
 LAYOUTS = [((8, 3), -1), ((4, 5, 6, 3), -1), ((4, 3, 5), 1), ((4, 5, 6, 3), (1, 3))]
 DTYPES = [jnp.float32, jnp.bfloat16]
 MODES = ["eager", "jit"]
+EVERY_PLATFORM = ("cpu", "cuda", "rocm", "tpu")  # lowering platforms, as `jax.lax.platform_dependent` names them
 
 
 def cpu_devices():

@@ -8,7 +8,7 @@ import pytest
 import jbn
 from jbn import _stats
 from tests import reference
-from tests.helpers import MODES, call, data, f64
+from tests.helpers import EVERY_PLATFORM, MODES, call, data, f64
 
 pytestmark = pytest.mark.usefixtures("statistics_path")
 
@@ -121,6 +121,6 @@ def test_the_platform_compiled_for_decides_whether_the_statistics_branch_at_run_
 
     monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", ())
     assert conditionals() == 1
-    monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", ("cpu", "cuda", "rocm", "tpu"))
+    monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", EVERY_PLATFORM)
     assert conditionals() == 0
     np.testing.assert_allclose(jbn.moments(x, 0)[1], reference.moments(f64(x), 0)[1], rtol=1e-5)
