@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import peers, precision, speed
+from benchmarks import peers, precision, speed, variants
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,12 @@ def test_precision_benchmark_shows_jbn_exact_where_flax_default_is_not():
         assert jbn_error < 1e-4, name
         if name != "rms_norm":  # RMS norm does not center, so it has nothing to cancel
             assert flax_default > 10, name
+
+
+def test_variants_benchmark_times_every_variant_against_jbn_as_shipped():
+    results = variants.main(["--quick", "--only", "layer"])
+    assert {r["row"] for r in results} == {*variants.VARIANTS, "flax.linen"}
+    for r in results:
+        assert r["ms"] > 0 and np.isfinite(r["over_shipped"])
+        if r["row"] == "shipped":
+            assert r["over_shipped"] == 1.0
