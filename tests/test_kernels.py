@@ -260,11 +260,18 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
 
 
 def test_the_build_is_cached(monkeypatch, tmp_path):
-    monkeypatch.setenv("JBN_CACHE_DIR", str(tmp_path))
+    source = tmp_path / "kernels" / "tiny.cc"  # the caching, not the kernels (the rest of the suite builds those)
+    source.parent.mkdir()
+    source.write_text('extern "C" int jbn_tiny() { return 1; }\n')
+    monkeypatch.setattr(_kernel, "SOURCE", source)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("JBN_CACHE_DIR", str(cache))
     built = _kernel._build()
     stamp = built.stat().st_mtime_ns
     assert _kernel._build() == built and built.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary files left behind
+    assert [p.name for p in cache.iterdir()] == [built.name]  # no temporary files left behind
+    source.write_text('extern "C" int jbn_tiny() { return 2; }\n')
+    assert _kernel._build() != built  # a changed source is built anew
 
 
 def test_jax_export_works_with_the_kernels_off(monkeypatch):

@@ -194,14 +194,18 @@ def test_vmap_axis_name_pools_like_the_whole_batch(data):
     x, _ = _data(data.draw, shape, jnp.float32)
     state = jbn.batch_norm_state(shape[-1])
     fn = functools.partial(jbn.batch_norm, state=state, training=True, axis_name="batch")
-    y, new = jax.vmap(lambda xi: fn(xi), axis_name="batch", out_axes=(0, None))(x)
-    expected_y, expected = jbn.batch_norm(x, state, training=True)
+    # Under jit: one compilation per drawn shape instead of one per operation (test_transforms runs it eagerly).
+    y, new = jax.jit(jax.vmap(lambda xi: fn(xi), axis_name="batch", out_axes=(0, None)))(x)
+    expected_y, expected = jax.jit(functools.partial(jbn.batch_norm, training=True))(x, state)
     np.testing.assert_allclose(y, expected_y, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new.var, expected.var, rtol=1e-5, atol=1e-6)
     reduction = _axes(data.draw, len(shape) - 1)
-    pooled = jax.vmap(lambda xi: jbn.layer_norm(xi, reduction_axes=reduction, axis_name="batch"), axis_name="batch")(x)
+    pooled = jax.jit(
+        jax.vmap(lambda xi: jbn.layer_norm(xi, reduction_axes=reduction, axis_name="batch"), axis_name="batch")
+    )(x)
     shifted = tuple(a % (len(shape) - 1) + 1 for a in np.atleast_1d(reduction))
-    np.testing.assert_allclose(pooled, jbn.layer_norm(x, reduction_axes=(0, *shifted)), rtol=1e-4, atol=1e-4)
+    expected_pooled = jax.jit(functools.partial(jbn.layer_norm, reduction_axes=(0, *shifted)))(x)
+    np.testing.assert_allclose(pooled, expected_pooled, rtol=1e-4, atol=1e-4)
 
 
 @given(st.data())
