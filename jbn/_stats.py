@@ -193,9 +193,12 @@ def masked_moments(
     def refine():
         return about(None, mean)
 
-    def rescale():
-        scale = scale_of_x()
+    def rescaled(scale):
+        """Statistics of x * scale about the first pass's mean in those units (0 where it overflowed)."""
         return about(scale, jnp.where(jnp.isfinite(mean), mean * scale, 0))
+
+    def rescale():
+        return rescaled(scale_of_x())
 
     if use_fast_variance:
         return Moments(count, *keep())
@@ -215,8 +218,7 @@ def masked_moments(
 
     def branch_free():
         # Every position takes the second pass, rescaled where its squares leave float32's range.
-        scale = jnp.where(out_of_range, scale_of_x(), ones)
-        return about(scale, jnp.where(jnp.isfinite(mean), mean * scale, 0))
+        return rescaled(jnp.where(out_of_range, scale_of_x(), ones))
 
     branch_free_here = dict.fromkeys(BRANCH_FREE_PLATFORMS, branch_free)
     return Moments(count, *lax.platform_dependent(default=chosen_at_run_time, **branch_free_here))
