@@ -88,7 +88,8 @@ class _Residuals(NamedTuple):
 
 
 def _forward(options, x, scale, bias, mask, fallback, epsilon):
-    stats = masked_moments(
+    """(y, Statistics, _Residuals): normalizing runs inside the statistics' run-time branch (see ``jbn._stats``)."""
+    return masked_moments(
         x,
         options.axes,
         mask=mask,
@@ -96,7 +97,11 @@ def _forward(options, x, scale, bias, mask, fallback, epsilon):
         axis_index_groups=options.axis_index_groups,
         use_fast_variance=options.use_fast_variance,
         centered=options.centered,
+        then=functools.partial(_normalized, options, x, scale, bias, fallback, epsilon),
     )
+
+
+def _normalized(options, x, scale, bias, fallback, epsilon, stats: Moments):
     stats = Moments(*(jnp.expand_dims(jnp.broadcast_to(field, stats.var.shape), options.axes) for field in stats))
     has_data = stats.count > 0
     shift, offset, var, input_scale = stats.shift, stats.offset, stats.var, stats.scale

@@ -24,11 +24,15 @@ Precision rules, said once here:
     overflows. The mean and variance that ``moments`` and the running statistics report are divided back; a
     variance above float32's range (a spread above ~1.8e19) is reported as inf.
 
-  The choice is made at run time (``lax.switch``; under ``vmap`` with per-example predicates every branch is
-  computed and one selected). On a GPU, where a run-time branch waits for the host, there is no branch: every
-  output position takes the second pass, rescaled where its squares leave float32's range. Shift and scale are
-  constants under differentiation: the statistics do not depend on them. The variance is clamped at 0, so it is
-  never negative.
+  The choice is made at run time (``lax.switch``); under ``vmap`` every mapped example takes the most careful
+  branch any of them needs, which is exact for all, so that one branch runs. The caller's use of the statistics
+  (``then``: normalizing x) and the values derived from the first pass are computed inside the branch: XLA:CPU
+  runs a program of at most 8 operations on the calling thread and a longer one as a graph on its thread pool,
+  whose hand-offs cost more than a small batch norm's arithmetic. So a batch norm forward pass keeps 8 operations
+  at the top level (Flax's has 6); with them outside the branch it had 16 and took 1.07-1.36x Flax's time. On a
+  GPU, where a run-time branch waits for the host, there is no branch: every output position takes the second
+  pass, rescaled where its squares leave float32's range. Shift and scale are constants under differentiation:
+  the statistics do not depend on them. The variance is clamped at 0, so it is never negative.
 * Masks: entries where ``mask`` is False are never read into a sum (``jnp.where``, not a multiplication), so they
   may hold NaN or Inf. ``n`` is the number of selected entries. An empty selection gives mean 0 and variance 0.
 * Cross-device statistics (``axis_name``): the participants sum their counts and sums with one ``psum``, agree
@@ -38,6 +42,7 @@ Precision rules, said once here:
   instead). ``axis_index_groups`` restricts the pooling to sub-groups as in ``jax.lax.psum``.
 """
 
+import functools
 import itertools
 from typing import NamedTuple
 
@@ -129,9 +134,12 @@ _KEEP, _REFINE, _RESCALE = 0, 1, 2
 
 
 def masked_moments(
-    x, axes, *, mask=None, axis_name=None, axis_index_groups=None, use_fast_variance=False, centered=True
-) -> Moments:
-    """moments() on checked arguments, as Moments; `centered=False` gives mean 0 and var = E[x^2]."""
+    x, axes, *, mask=None, axis_name=None, axis_index_groups=None, use_fast_variance=False, centered=True, then=None
+):
+    """moments() on checked arguments, as Moments; `centered=False` gives mean 0 and var = E[x^2].
+
+    With `then`, returns ``then(moments)``, computed inside the run-time branch (see the module docstring).
+    """
     compute = compute_dtype(x.dtype)
 
     uses = itertools.count()
@@ -160,11 +168,10 @@ def masked_moments(
         count, sum_x, sum_squares = pooled(count, *(masked_sum(v, axes, mask) for v in (wide(), jnp.square(wide()))))
     else:
         count, sum_squares = pooled(count, masked_sum(jnp.square(wide()), axes, mask))
-    safe_count = jnp.maximum(count, 1)
-    mean_square = sum_squares / safe_count
-    mean = sum_x / safe_count if centered else jnp.zeros_like(mean_square)
-    var = jnp.maximum(mean_square - jnp.square(mean), 0) if centered else mean_square
-    ones, zeros = jnp.ones_like(var), jnp.zeros_like(var)
+    # The values derived from the first pass are computed where they are used, in each branch anew (see the module
+    # docstring).
+    first = functools.partial(_first_pass, count, sum_x if centered else None, sum_squares)
+    finish = then or (lambda stats: stats)
 
     def scale_of_x():
         magnitude = jnp.abs(lax.stop_gradient(wide()))  # pmax has no derivative; the scale needs none
@@ -173,35 +180,41 @@ def masked_moments(
         return _power_of_two_scale(largest)
 
     def keep():
-        return ones, mean, zeros, var
+        _, _, mean, var = first()
+        return finish(Moments(count, jnp.ones_like(var), mean, jnp.zeros_like(var), var))
 
     def about(scale, shift):
         """Exact statistics of x * scale from sums about `shift` (in scaled units)."""
+        safe_count = first().safe_count
         scaled = wide() if scale is None else wide() * jnp.expand_dims(scale, axes)
+        scale = jnp.ones_like(shift) if scale is None else scale
         shift = lax.stop_gradient(shift)
         expanded = jnp.expand_dims(shift, axes)
         if not centered:
             (sum_d2,) = sums(jnp.square(scaled))
-            return (ones if scale is None else scale), zeros, zeros, sum_d2 / safe_count
+            zeros = jnp.zeros_like(sum_d2)
+            return finish(Moments(count, scale, zeros, zeros, sum_d2 / safe_count))
         # Spelled `x + (-k)` and `x - k` so that XLA fuses each into its own reduction instead of first writing a
         # shared `x - k` array to memory.
         sum_d, sum_d2 = sums(scaled + (-expanded), jnp.square(scaled - expanded))
         offset = sum_d / safe_count
         var = jnp.maximum(sum_d2 - offset * sum_d, 0) / safe_count
-        return (ones if scale is None else scale), shift, offset, var
+        return finish(Moments(count, scale, shift, offset, var))
 
     def refine():
-        return about(None, mean)
+        return about(None, first().mean)
 
     def rescaled(scale):
         """Statistics of x * scale about the first pass's mean in those units (0 where it overflowed)."""
+        mean = first().mean
         return about(scale, jnp.where(jnp.isfinite(mean), mean * scale, 0))
 
     def rescale():
         return rescaled(scale_of_x())
 
     if use_fast_variance:
-        return Moments(count, *keep())
+        return keep()
+    _, mean_square, mean, var = first()
     # A mean square of exactly 0 with a nonzero mean means the squares underflowed (data near 1e-30).
     out_of_range = ~jnp.isfinite(mean_square) | ((mean_square < _TINY) & ((mean_square > 0) | (mean != 0)))
 
@@ -214,14 +227,48 @@ def masked_moments(
             # the participants' pooled sums agree to the last bit; a predicate on the edge would split them: a
             # deadlock. Any participant's choice is exact for all, so they take the most careful one.
             branch = lax.pmax(branch, axis_name, axis_index_groups=axis_index_groups)
-        return lax.switch(branch, (keep, refine, rescale))
+        return lax.switch(_most_careful(branch), (keep, refine, rescale))
 
     def branch_free():
         # Every position takes the second pass, rescaled where its squares leave float32's range.
-        return rescaled(jnp.where(out_of_range, scale_of_x(), ones))
+        return rescaled(jnp.where(out_of_range, scale_of_x(), jnp.ones_like(var)))
 
     branch_free_here = dict.fromkeys(BRANCH_FREE_PLATFORMS, branch_free)
-    return Moments(count, *lax.platform_dependent(default=chosen_at_run_time, **branch_free_here))
+    return lax.platform_dependent(default=chosen_at_run_time, **branch_free_here)
+
+
+class _FirstPass(NamedTuple):
+    safe_count: jax.Array  # the count, at least 1
+    mean_square: jax.Array
+    mean: jax.Array  # 0 without centering
+    var: jax.Array  # E[x^2] - mean^2, clamped at 0
+
+
+def _first_pass(count, sum_x, sum_squares) -> _FirstPass:
+    """The one-pass statistics from the pooled count, sum (None: not centered) and sum of squares."""
+    safe_count = jnp.maximum(count, 1)
+    mean_square = sum_squares / safe_count
+    if sum_x is None:
+        return _FirstPass(safe_count, mean_square, jnp.zeros_like(mean_square), mean_square)
+    mean = sum_x / safe_count
+    return _FirstPass(safe_count, mean_square, mean, jnp.maximum(mean_square - jnp.square(mean), 0))
+
+
+@jax.custom_batching.custom_vmap
+def _most_careful(branch):
+    """The branch to take; under ``vmap``, the most careful branch any mapped example needs, for all of them.
+
+    Every branch is exact wherever a less careful one is, so one branch serves every example, and only that branch
+    runs: a mapped switch would compute all three and select (and, with `then`, the caller's work three times).
+    """
+    return branch
+
+
+@_most_careful.def_vmap
+def _most_careful_vmap(axis_size, in_batched, branch):
+    del axis_size
+    (batched,) = in_batched
+    return (_most_careful(jnp.max(branch, 0)) if batched else branch), False
 
 
 # Where a run-time branch costs more than a pass over x. On a GPU, XLA copies a branch's predicate to the host and

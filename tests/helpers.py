@@ -1,6 +1,7 @@
 """Shared test data and tolerances."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,14 @@ def cpu_devices():
 def cpu_mesh():
     """A mesh of `cpu_devices` along one axis, "devices"."""
     return jax.make_mesh((4,), ("devices",), devices=cpu_devices())
+
+
+def top_level_operations(compiled_text) -> list[str]:
+    """The operations of a compiled program's entry computation that XLA runs as tasks (not parameters, constants,
+    tuples or bitcasts), by opcode."""
+    entry = compiled_text[compiled_text.index("\nENTRY") :]
+    opcodes = re.findall(r"= [^=]*? ([a-z][\w-]*)\(", entry)
+    return [op for op in opcodes if op not in {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}]
 
 
 def data(shape, dtype=jnp.float32, seed=0, offset=0.0, spread=1.0):
