@@ -25,16 +25,19 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon, dtype=None, offse
     return y.astype(x.dtype if dtype is None else dtype)
 
 
-def centered(x, mean, *, offset=None, input_scale=None) -> jax.Array:
-    """``x - mean``, in two steps ``(x - mean / s) - offset / s`` (see `normalize`); x as it is if `mean` is None."""
+def centered(x, mean, *, offset=None, input_scale=None, spelled_apart=False) -> jax.Array:
+    """``x - mean``, in two steps ``(x - mean / s) - offset / s`` (see `normalize`); x as it is if `mean` is None.
+
+    `spelled_apart` computes ``(x + (-mean / s)) + (-offset / s)``, the same value bit for bit, for a second use
+    of the same centering that XLA must not merge with the first (it would write the shared array to memory).
+    """
     if input_scale is not None:
         # Undo the scale on the per-feature terms (exact: a power of two), not on every element of x.
         mean = None if mean is None else mean / input_scale
         offset = None if offset is None else offset / input_scale
-    if mean is not None:
-        x = x - mean
-    if offset is not None:
-        x = x - offset
+    for term in (mean, offset):
+        if term is not None:
+            x = x + (-term) if spelled_apart else x - term
     return x
 
 

@@ -30,7 +30,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jbn import _fused
 from jbn._normalize import centered, normalize, standardizing_multiplier
-from jbn._stats import Moments, masked_moments, masked_sum, reduction_stages
+from jbn._stats import Moments, masked_moments, masked_sum, reduction_stages, upcast_apart
 
 
 class Options(NamedTuple):
@@ -152,13 +152,18 @@ def _tangent(options, x, scale, mask, epsilon, residuals, has_fallback, present)
     compute = residuals.var.dtype
     mean, offset = (residuals.shift, residuals.offset) if options.centered else (None, None)
     multiplier = standardizing_multiplier(residuals.var, epsilon=epsilon, input_scale=residuals.input_scale)
-    xhat = centered(x.astype(compute), mean, offset=offset, input_scale=residuals.input_scale) * multiplier
+    xhat = centered(upcast_apart(x, compute, 0), mean, offset=offset, input_scale=residuals.input_scale) * multiplier
     tangents = {name: jax.tree.map(lambda t: t.astype(compute), value) for name, value in present.items()}
     dmean, tau = _statistics_tangents(options, xhat, mask, multiplier, residuals, has_fallback, tangents)
     amplitude = multiplier if scale is None else multiplier * scale.astype(compute)
     dx, dscale, dbias = (tangents.get(name) for name in ("x", "scale", "bias"))
     if all(amplitude.shape[axis] == 1 for axis in options.axes):
-        dy = _per_group_tangent(amplitude, xhat, dx, dmean, tau, dscale, dbias)
+        # A second centering of x, for the slope's sum in reverse mode (of dy * (x - mean)), kept apart from xhat's:
+        # shared, XLA:CPU writes it to memory for that sum instead of fusing it in.
+        apart = centered(
+            upcast_apart(x, compute, 1), mean, offset=offset, input_scale=residuals.input_scale, spelled_apart=True
+        )
+        dy = _per_group_tangent(amplitude, apart, multiplier, dx, dmean, tau, dscale, dbias)
     else:
         mean_term, var_term = (_broadcast_over(value, xhat.shape, options.axes) for value in (dmean, tau))
         dy = amplitude * (-mean_term - xhat * var_term if dx is None else dx - mean_term - xhat * var_term)
@@ -201,19 +206,20 @@ def _statistics_tangents(options, xhat, mask, multiplier, residuals, has_fallbac
 _standardize.defjvp(_standardize_jvp, symbolic_zeros=True)
 
 
-def _per_group_tangent(amplitude, xhat, dx, dmean, tau, dscale, dbias):
-    """``A dx + xhat (dscale - A tau) + (dbias - A dmean)`` where A is constant along the reduced axes.
+def _per_group_tangent(amplitude, centered_x, multiplier, dx, dmean, tau, dscale, dbias):
+    """``A dx + xhat (dscale - A tau) + (dbias - A dmean)`` where A is constant along the reduced axes, with
+    ``xhat = centered_x * multiplier``.
 
-    The coefficients are formed at the statistics' shape before they meet x's shape. Reverse mode then needs only
-    two sums over x's size, of dy and of dy * xhat, which give dscale, dbias and the mean terms of dx at once
-    (batch and instance norm); the general form needs four.
+    The coefficients are formed at the statistics' shape before they meet x's shape, the multiplier included.
+    Reverse mode then needs only two sums over x's size, of dy and of dy * centered_x, which give dscale, dbias
+    and the mean terms of dx at once (batch and instance norm); the general form needs four.
     """
     slope, intercept = -(amplitude * tau), -(amplitude * dmean)
     if dscale is not None:
         slope = slope + dscale
     if dbias is not None:
         intercept = intercept + dbias
-    dy = xhat * slope + intercept
+    dy = centered_x * (multiplier * slope) + intercept
     return dy if dx is None else dy + amplitude * dx
 
 
