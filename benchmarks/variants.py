@@ -71,15 +71,7 @@ def _one_stage(shape, axes):
 
 def _normalizing_outside_the_branch(options, x, scale, bias, mask, fallback, epsilon):
     """`_standardize._forward` with the statistics' branch returning them, and normalizing after it."""
-    stats = _stats.masked_moments(
-        x,
-        options.axes,
-        mask=mask,
-        axis_name=options.axis_name,
-        axis_index_groups=options.axis_index_groups,
-        use_fast_variance=options.use_fast_variance,
-        centered=options.centered,
-    )
+    stats = _standardize.moments_of(options, x, mask)
     return _standardize._normalized(options, x, scale, bias, fallback, epsilon, stats)
 
 

@@ -89,6 +89,11 @@ class _Residuals(NamedTuple):
 
 def _forward(options, x, scale, bias, mask, fallback, epsilon):
     """(y, Statistics, _Residuals): normalizing runs inside the statistics' run-time branch (see ``jbn._stats``)."""
+    return moments_of(options, x, mask, then=functools.partial(_normalized, options, x, scale, bias, fallback, epsilon))
+
+
+def moments_of(options, x, mask, *, then=None):
+    """`masked_moments` of x as `options` ask."""
     return masked_moments(
         x,
         options.axes,
@@ -97,7 +102,7 @@ def _forward(options, x, scale, bias, mask, fallback, epsilon):
         axis_index_groups=options.axis_index_groups,
         use_fast_variance=options.use_fast_variance,
         centered=options.centered,
-        then=functools.partial(_normalized, options, x, scale, bias, fallback, epsilon),
+        then=then,
     )
 
 
