@@ -14,7 +14,7 @@ with the change in effect, so the rows of one run differ only in that change.
 * ``branch-free``: the exact statistics take their second pass on every call (the GPU's way).
 * ``one-stage sums``: no split of reductions over a short minor run into two stages (`reduction_stages`).
 * ``outside branch``: normalizing after the exact statistics' run-time branch instead of inside it (a batch norm
-  forward pass is then 11 operations, which XLA:CPU runs on its thread pool, instead of 8 on the calling thread).
+  forward pass is then 12 operations, which XLA:CPU runs on its thread pool, instead of 8 on the calling thread).
 * ``no barriers``: no optimization barriers (they keep XLA:CPU from sharing full-size arrays between the forward
   and backward passes, from merging the two stages of a sum, and from writing a float32 copy of bfloat16 x).
 * ``no kernels``: the XLA path where the CPU kernels would apply (``JBN_KERNELS=0``).
