@@ -27,7 +27,7 @@ def cpu_mesh():
 def top_level_operations(compiled_text) -> list[str]:
     """The operations of a compiled program's entry computation that XLA runs as tasks (not parameters, constants,
     tuples or bitcasts), by opcode."""
-    entry = compiled_text[compiled_text.index("\nENTRY") :]
+    entry = re.sub(r"/\*.*?\*/", "", compiled_text[compiled_text.index("\nENTRY") :])  # comments hold "="
     opcodes = re.findall(r"= [^=]*? ([a-z][\w-]*)\(", entry)
     return [op for op in opcodes if op not in {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}]
 
