@@ -102,9 +102,10 @@ def batch_norm(
       running_average: how the running statistics follow the batches: ``"ema"`` (the default, Flax's and
         Keras's: ``new = momentum * old + (1 - momentum) * batch``), ``"debiased_ema"`` (Haiku's zero-debiased
         average: ``new = old + (batch - old) (1 - momentum) / (1 - momentum^t)`` at the t-th batch, so the first
-        batch's statistics replace the initial ones exactly) or ``"cumulative"`` (the plain mean of every batch
-        so far, ``new = old + (batch - old) / t``: PyTorch's ``momentum=None``). The last two need a state with
-        a ``count`` (``jbn.batch_norm_state(..., counted=True)``), which they advance.
+        batch's statistics replace the initial ones exactly; at momentum 1, its limit, the cumulative mean) or
+        ``"cumulative"`` (the plain mean of every batch so far, ``new = old + (batch - old) / t``: PyTorch's
+        ``momentum=None``). The last two need a state with a ``count`` (``jbn.batch_norm_state(...,
+        counted=True)``), which they advance.
     Returns:
       ``(y, new_state)``: y has x's shape; new_state has the state's shapes and dtypes.
 
@@ -238,9 +239,11 @@ def updated_state(state: BatchNormState, batch_mean, batch_var, has_data, averag
         else:
             t = jnp.maximum(count, 1).astype(batch.dtype)
             m = jnp.asarray(momentum, batch.dtype)
-            # The first weight is 1 by selection: m**1 need not round to m (a GPU's pow does not).
-            debiased = jnp.where(t > 1, (1 - m) / (1 - m**t), 1)
-            weight = 1 / t if averaging.running_average == "cumulative" else debiased
+            # At momentum 1 the debiased weight is 0 / 0; its limit is the cumulative one, 1 / t.
+            if averaging.running_average == "cumulative" or momentum == 1:
+                weight = 1 / t
+            else:  # the first weight is 1 by selection: m**1 need not round to m (a GPU's pow does not)
+                weight = jnp.where(t > 1, (1 - m) / (1 - m**t), 1)
             updated = (1 - weight) * running + weight * batch  # the first batch (weight 1) replaces exactly
         return jnp.where(updates, updated, running).astype(running.dtype)
 

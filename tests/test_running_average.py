@@ -47,6 +47,16 @@ def test_running_statistics_after_several_batches_match_the_formula(mode):
     np.testing.assert_array_equal(state.count, [4, 4, 4])
 
 
+def test_the_debiased_average_at_momentum_one_is_its_limit_the_cumulative_mean():
+    """(1 - m) / (1 - m^t) is 0 / 0 at m = 1 (Haiku's average gives NaN there); its limit is 1 / t."""
+    state = jbn.batch_norm_state(3, counted=True)
+    for batch in BATCHES:
+        _, state = jbn.batch_norm(batch, state, training=True, momentum=1.0, running_average="debiased_ema")
+    mean, var = _expected(BATCHES, "cumulative")
+    np.testing.assert_allclose(state.mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.var, var, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["debiased_ema", "cumulative"])
 def test_the_first_batch_replaces_any_initial_statistics_exactly(mode):
     """Equinox debiases a variance that starts at 1 as if it started at 0: wrong after one step. Not here."""
