@@ -52,6 +52,7 @@ import numpy as np
 from jax import lax
 
 from jbn import _checks
+from jbn._normalize import centered as centered_on
 
 
 class Moments(NamedTuple):
@@ -189,9 +190,11 @@ def masked_moments(
             (sum_d2,) = sums(jnp.square(scaled))
             zeros = jnp.zeros_like(sum_d2)
             return finish(Moments(count, scale, zeros, zeros, sum_d2 / safe_count))
-        # Spelled `x + (-k)` and `x - k` so that XLA fuses each into its own reduction instead of first writing a
-        # shared `x - k` array to memory.
-        sum_d, sum_d2 = sums(scaled + (-expanded), jnp.square(scaled - expanded))
+        # Spelled apart, so that XLA fuses each into its own reduction instead of first writing a shared `x - k`
+        # array to memory.
+        sum_d, sum_d2 = sums(
+            centered_on(scaled, expanded, spelled_apart=True), jnp.square(centered_on(scaled, expanded))
+        )
         offset = sum_d / safe_count
         var = jnp.maximum(sum_d2 - offset * sum_d, 0) / safe_count
         return finish(Moments(count, scale, shift, offset, var))
