@@ -284,7 +284,7 @@ def upcast_apart(x, dtype, tag: int) -> jax.Array:
     """
     if x.dtype == dtype:
         return x
-    return lax.optimization_barrier((x, jnp.int32(tag)))[0].astype(dtype)
+    return lax.optimization_barrier((x,) * (tag + 1))[0].astype(dtype)
 
 
 def _power_of_two_scale(largest):

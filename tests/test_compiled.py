@@ -4,6 +4,8 @@ XLA:CPU runs a program of at most 8 operations in order on the calling thread an
 thread pool, and writes to memory every array that a fusion outputs; see ``docs/performance.md``.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +60,24 @@ def test_a_batch_norm_training_step_writes_no_array_of_x_size_but_dx(shape):
     expected_dx = (g - g.mean(axes, keepdims=True) - xhat * (g * xhat).mean(axes, keepdims=True)) / np.sqrt(var + 1e-5)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dscale, np.sum(g * xhat, axes), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_fast_variance", [False, True])
+def test_a_bfloat16_batch_norm_forward_pass_writes_no_float32_copy_of_x(use_fast_variance):
+    """Each sum reads bfloat16 x and upcasts it inside its fusion (``_stats.upcast_apart``); shared, XLA wrote one
+    float32 copy of x for all of them (it did with ``use_fast_variance``: XLA dropped the constant tags that kept
+    the upcasts apart). The top level and the branch that centered data take."""
+    x, state = data((256, 64), jnp.bfloat16), jbn.batch_norm_state(64)
+    forward = jax.jit(lambda x: jbn.batch_norm(x, state, training=True, use_fast_variance=use_fast_variance))
+    text = forward.lower(x).compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    keep = (
+        []
+        if use_fast_variance
+        else [text[text.index(name) :] for name in re.findall(r"branch_computations={(%[\w.-]+)", entry)]
+    )
+    written = [line for part in [entry, *keep] for line in part.split("\n}\n")[0].splitlines() if " fusion(" in line]
+    assert [line for line in written if "f32[256,64]" in line] == []
+    y, _ = forward(x)
+    ref_mean, ref_var = reference.moments(f64(x), 0)
+    np.testing.assert_allclose(f64(y), (f64(x) - ref_mean) / np.sqrt(ref_var + 1e-5), rtol=1e-2, atol=1e-2)
