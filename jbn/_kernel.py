@@ -22,7 +22,11 @@ import jax
 import jaxlib
 
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "norm.cc"
-TARGETS = {"jbn_norm_forward": "JbnNormForward", "jbn_norm_backward": "JbnNormBackward"}
+TARGETS = {
+    "jbn_norm_forward": "JbnNormForward",
+    "jbn_norm_backward": "JbnNormBackward",
+    "jbn_norm_statistics": "JbnNormStatistics",
+}
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 
 

@@ -21,14 +21,32 @@ settings.register_profile("large", max_examples=2000, **_PROFILE)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@pytest.fixture(scope="module", params=["run-time branch", "branch-free"])
+def _statistics_taken(path):
+    """A context in which `jbn._stats` takes `path` to exact statistics; caches cleared on entry and exit."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(_stats, "BRANCH_FREE_PLATFORMS", EVERY_PLATFORM if path == "branch-free" else ())
+    patch.setattr(_stats, "USE_STATISTICS_KERNEL", path in ("kernel", "as on a CPU"))
+    jax.clear_caches()
+    return patch
+
+
+@pytest.fixture(scope="module", params=["kernel", "run-time branch", "branch-free"])
 def statistics_path(request):
-    """Runs a module's tests both ways `jbn._stats` may take to exact statistics, on any machine: the run-time
-    branch (CPU, TPU) and the branch-free second pass (GPU). Caches are cleared so no trace of the other is reused.
+    """Runs a module's tests every way `jbn._stats` may take to exact statistics, on any machine: the statistics
+    kernel where it applies (CPU, channels-last data), the run-time branch (the CPU's other cases, TPU) and the
+    branch-free second pass (GPU). Caches are cleared so no trace of another is reused.
     """
-    everywhere = EVERY_PLATFORM if request.param == "branch-free" else ()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_stats, "BRANCH_FREE_PLATFORMS", everywhere)
-        jax.clear_caches()
-        yield request.param
-        jax.clear_caches()
+    patch = _statistics_taken(request.param)
+    yield request.param
+    patch.undo()
+    jax.clear_caches()
+
+
+@pytest.fixture(scope="module", params=["as on a CPU", "branch-free"])
+def cpu_or_gpu_statistics(request):
+    """The CPU's statistics (the kernel where it applies, the run-time branch elsewhere) and a GPU's, for modules
+    whose subject is not the statistics themselves (transformations, properties)."""
+    patch = _statistics_taken(request.param)
+    yield request.param
+    patch.undo()
+    jax.clear_caches()

@@ -19,9 +19,11 @@ from tests.helpers import data, f64, top_level_operations
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's programs")
 
 
-@pytest.fixture(autouse=True)
-def run_time_branch(monkeypatch):
+@pytest.fixture(autouse=True, params=[True, False], ids=["kernel", "run-time branch"])
+def cpu_statistics(request, monkeypatch):
+    """Both ways batch norm's statistics go on the CPU: the statistics kernel, and XLA's sums with the branch."""
     monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", ())
+    monkeypatch.setattr(_stats, "USE_STATISTICS_KERNEL", request.param)
 
 
 def test_a_batch_norm_forward_pass_is_at_most_8_operations():

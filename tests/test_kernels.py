@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jbn
-from jbn import _fused, _kernel
+from jbn import _fused, _kernel, _stats
 from tests import reference
 from tests.helpers import data, f64
 
@@ -329,3 +329,68 @@ def test_large_outputs_stored_around_the_cache_equal_the_xla_path(fn, shape, kwa
     plain = _run(fn, kwargs, x, scale, bias, cotangent, kernels=False, jit=True, monkeypatch=monkeypatch)
     _assert_close(fused, plain, rtol=1e-5, atol=3e-5)
     assert np.abs(f64(fused[0]) - _expected(fn, x, scale, bias, kwargs)).max() < 2e-5
+
+
+# Batch norm's statistics on channels-last data: one pass in the kernel, no run-time branch (``_fused.statistics``).
+BATCH_SHAPES = [(64, 12), (4, 5, 6, 8), (300, 70)]  # 70 channels: one chunk of 64 and one of 6
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0, 1e4])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", BATCH_SHAPES)
+def test_batch_norm_statistics_take_one_pass_without_a_branch(shape, dtype, offset):
+    """Data far from zero take the same single pass as centered data (the XLA path takes a second one)."""
+    x = data(shape, dtype, offset=offset)
+    state, (scale, bias) = jbn.batch_norm_state(shape[-1]), _params("layer", x, {})
+    step = jax.jit(lambda x: jbn.batch_norm(x, state, scale, bias, training=True, momentum=0.9))
+    text = step.lower(x).compile().as_text()
+    assert "jbn_norm_statistics" in text and " conditional(" not in text
+    y, new_state = step(x)
+    expected, mean, var = reference.batch_norm(f64(x), state.mean, state.var, scale, bias, training=True, momentum=0.9)
+    tolerance = {"atol": 2e-5} if dtype == jnp.float32 else {"rtol": 1e-2, "atol": 1e-2}  # y rounded to bfloat16
+    np.testing.assert_allclose(f64(y), expected, **tolerance)
+    np.testing.assert_allclose(new_state.mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(new_state.var, var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e25])
+def test_batch_norm_statistics_of_extreme_magnitudes_are_scaled_by_a_power_of_two(magnitude):
+    """Variances outside [2^-100, 2^100] come with a power-of-two scale, so that XLA's squares stay in range."""
+    x = data((128, 8), spread=magnitude)
+    scale, shift, offset, var = _fused.statistics(x, (0,), _fused.statistics_view(x, (0,)))
+    assert np.all(f64(scale) != 1)
+    ref_mean, ref_var = reference.moments(f64(x), 0)
+    np.testing.assert_allclose((f64(shift) + f64(offset)) / f64(scale), ref_mean, rtol=1e-6, atol=magnitude * 1e-7)
+    np.testing.assert_allclose(f64(var) / f64(scale) ** 2, ref_var, rtol=1e-6)
+    y, _ = jbn.batch_norm(x, jbn.batch_norm_state(8), training=True, epsilon=0.0)
+    np.testing.assert_allclose(f64(y), (f64(x) - ref_mean) / np.sqrt(ref_var), atol=1e-5)
+
+
+@pytest.mark.parametrize("in_axes", [0, 1])
+def test_the_statistics_kernel_folds_a_vmapped_batch_into_its_examples(in_axes):
+    """Under vmap the kernel runs once, with the batch as examples, in front of x whichever axis was mapped."""
+    x = jnp.stack([data((40, 6)), data((40, 6), seed=1, offset=1e4), data((40, 6), seed=2, spread=1e-3)], in_axes)
+    mapped = jax.jit(jax.vmap(lambda xi: jbn.moments(xi, 0), in_axes=in_axes))
+    assert mapped.lower(x).compile().as_text().count("jbn_norm_statistics") == 1
+    mean, var = mapped(x)
+    for i in range(3):
+        ref_mean, ref_var = reference.moments(f64(jnp.take(x, i, in_axes)), 0)
+        np.testing.assert_allclose(mean[i], ref_mean, rtol=1e-6)
+        np.testing.assert_allclose(var[i], ref_var, rtol=1e-5)
+
+
+def test_derivatives_through_the_statistics_kernel_equal_the_xla_path(monkeypatch):
+    """First and second derivatives of the statistics themselves (``jbn.moments``) come from plain JAX."""
+    x = data((32, 4), offset=3.0)
+
+    def f(x):
+        mean, var = jbn.moments(x, 0)
+        return jnp.sum(jnp.sin(mean) * var)
+
+    with_kernel = jax.jit(jax.grad(f))(x), jax.hessian(f)(x)
+    assert "jbn_norm_statistics" in jax.jit(jax.grad(f)).lower(x).compile().as_text()
+    monkeypatch.setattr(_stats, "USE_STATISTICS_KERNEL", False)
+    jax.clear_caches()
+    without = jax.jit(jax.grad(f))(x), jax.hessian(f)(x)
+    for a, b in zip(with_kernel, without, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -77,7 +77,7 @@ def _params(draw, rng, shape, feature_axes):
     return scale, bias
 
 
-@pytest.mark.usefixtures("statistics_path")
+@pytest.mark.usefixtures("cpu_or_gpu_statistics")
 @given(st.data())
 def test_moments_match_reference(data):
     shape = _shape(data.draw)
@@ -92,7 +92,7 @@ def test_moments_match_reference(data):
     np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.usefixtures("statistics_path")
+@pytest.mark.usefixtures("cpu_or_gpu_statistics")
 @given(st.data())
 def test_batch_norm_matches_reference(data):
     shape = _shape(data.draw)

@@ -13,7 +13,7 @@ import jbn
 from tests import reference
 from tests.helpers import cpu_devices, cpu_mesh, data, f64
 
-pytestmark = pytest.mark.usefixtures("statistics_path")
+pytestmark = pytest.mark.usefixtures("cpu_or_gpu_statistics")
 
 STATE = jbn.BatchNormState(jnp.array([0.5, -0.5, 1.0]), jnp.array([1.5, 0.5, 2.0]))
 SCALE, BIAS = jnp.array([1.0, 2.0, 0.5]), jnp.array([0.1, -0.2, 0.3])

@@ -8,6 +8,7 @@
 // its precision. Work is split over examples, and over rows of S where there are few examples,
 // on XLA's intra-op thread pool in a fixed partition: results do not depend on thread timing.
 //
+//   statistics: per (n, g): mean and var only (batch norm's, which XLA normalizes)
 //   forward:  per (n, g): mean, var, std = sqrt(var + eps);  y = (x - mean) / std * scale + bias
 //   backward: with xhat = (x - mean) / std and g = dy * scale, per (n, g):
 //             dx = (g - <g> - xhat <g xhat>) / std   (<g> dropped without centering)
@@ -554,8 +555,8 @@ struct ChannelStatistics {
 };
 
 // The statistics of example n from its slices' means and centered sums of squares (Chan's formula, in order).
-void PoolExample(const Dims& d, const Tasks& tasks, int64_t n, const double* means, const double* m2s, double eps,
-                 Statistics out) {
+template <typename F>
+void PoolSlices(const Dims& d, const Tasks& tasks, int64_t n, const double* means, const double* m2s, F&& put) {
   const double count = static_cast<double>(d.s * d.k);
   const int64_t first = n * tasks.per_example;
   std::vector<double> sizes(tasks.per_example);  // elements per slice of each group
@@ -571,9 +572,15 @@ void PoolExample(const Dims& d, const Tasks& tasks, int64_t n, const double* mea
       const double shift = means[(first + p) * d.g + g] - mean;
       m2 += m2s[(first + p) * d.g + g] + sizes[p] * shift * shift;
     }
-    const int64_t i = n * d.g + g;
-    SetStatistics(mean, m2 / count, eps, out.mean + 2 * i, out.std + i, out.var + i);
+    put(n * d.g + g, mean, m2 / count);
   }
+}
+
+void PoolExample(const Dims& d, const Tasks& tasks, int64_t n, const double* means, const double* m2s, double eps,
+                 Statistics out) {
+  PoolSlices(d, tasks, n, means, m2s, [&](int64_t i, double mean, double var) {
+    SetStatistics(mean, var, eps, out.mean + 2 * i, out.std + i, out.var + i);
+  });
 }
 
 // y for the rows of one slice, from its example's per-channel hi, lo and 1 / std; while writing, the same rows of
@@ -644,6 +651,45 @@ void PlanesForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affin
     const int64_t o = slice.n * C;
     SliceOutput(d, x, affine, y, slice, stats.hi.data() + o, stats.lo.data() + o, stats.inv.data() + o, -1, stream);
   });
+}
+
+// ---- Statistics only (batch norm: XLA normalizes). ----
+//
+// Per example n, four rows of G floats: hi and lo of mean * scale, var * scale^2 and scale, a power of two, 1
+// unless the variance leaves [2^-100, 2^100] (then var * scale^2 is in [1/4, 1)), so that the squares XLA forms
+// from them stay in float32's range. Slices of kStatisticsElements, so that a slice stays in L2 across its
+// channel chunks; an input of one slice runs on the calling thread alone.
+constexpr int64_t kStatisticsElements = int64_t{1} << 17;
+
+void SetScaled(double mean, double var, float* out, int64_t stride) {
+  double scale = 1.0;
+  if (!(var >= 0x1p-100 && var <= 0x1p100) && var > 0 && std::isfinite(var)) {
+    int exponent;
+    std::frexp(std::sqrt(var), &exponent);
+    scale = std::ldexp(1.0, -exponent);
+  }
+  const double scaled = mean * scale;
+  const float hi = static_cast<float>(scaled);
+  out[0] = hi;
+  out[stride] = static_cast<float>(scaled - hi);
+  out[2 * stride] = static_cast<float>(var * scale * scale);
+  out[3 * stride] = static_cast<float>(scale);
+}
+
+template <typename T>
+void PlanesStatistics(ffi::ThreadPool& pool, const Dims& d, const T* x, float* out) {
+  const int64_t per = std::max<int64_t>(1, std::min((d.example() + kStatisticsElements - 1) / kStatisticsElements, d.s));
+  const Tasks tasks{per, d.n * per};
+  std::vector<double> means(tasks.count * d.g), m2s(tasks.count * d.g);
+  Parallel::For(pool, tasks.count, [&](int64_t t, int64_t) {
+    SliceScratch scratch;
+    SliceMoments(d, x, SliceOf(d, tasks, t), true, means.data() + t * d.g, m2s.data() + t * d.g, scratch);
+  });
+  for (int64_t n = 0; n < d.n; ++n) {
+    PoolSlices(d, tasks, n, means.data(), m2s.data(), [&](int64_t i, double mean, double var) {
+      SetScaled(mean, var, out + 4 * n * d.g + (i - n * d.g), d.g);
+    });
+  }
 }
 
 // dscale and dbias: the per-task sums in task order.
@@ -946,6 +992,27 @@ ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   return ffi::Error::InvalidArgument("jbn: x must be float32 or bfloat16");
 }
 
+// The view's n is x's size over s * g * k, so that a batch (vmap) in front of x adds examples.
+ffi::Error StatisticsHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, int64_t s, int64_t g, int64_t k,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t example = s * g * k, size = static_cast<int64_t>(x.element_count());
+  if (s < 1 || g < 1 || k < 1 || size % example != 0) {
+    return ffi::Error::InvalidArgument("jbn: the view (s, g, k) does not divide x's size");
+  }
+  const Dims d{size / example, s, g, k};
+  if (static_cast<int64_t>(out->element_count()) != 4 * d.n * d.g) {
+    return ffi::Error::InvalidArgument("jbn: the statistics need 4 floats per (n, g)");
+  }
+  if (IsF32(x)) {
+    PlanesStatistics(pool, d, x.typed_data<float>(), out->typed_data());
+  } else if (IsBF16(x)) {
+    PlanesStatistics(pool, d, reinterpret_cast<const uint16_t*>(x.untyped_data()), out->typed_data());
+  } else {
+    return ffi::Error::InvalidArgument("jbn: x must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormForward, ForwardHandler,
@@ -980,4 +1047,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormBackward, BackwardHandler,
                                   .Attr<int64_t>("k")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormStatistics, StatisticsHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("s")
+                                  .Attr<int64_t>("g")
+                                  .Attr<int64_t>("k")
                                   .Ret<ffi::Buffer<ffi::F32>>());
