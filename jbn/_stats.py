@@ -28,11 +28,11 @@ Precision rules, said once here:
   float32 or bfloat16; no mask, no ``axis_name``), none of this branching happens: ``jbn/kernels/norm.cc`` sums
   ``x - shift`` and its square in double in one pass, the shift one of the data, which is exact whatever the
   offset or magnitude, and hands on the mean as two floats (shift and offset) and a power-of-two scale where the
-  variance leaves [2^-100, 2^100]. XLA:CPU's sums take two passes, and data far from zero a second two (1.7-2.3x
+  variance leaves [2^-100, 2^100]. XLA:CPU's sums take two passes, and data far from zero a second two (1.7-2.9x
   Flax's time for batch norm's forward pass, where the kernel's single pass is at or below Flax's).
 
-  Elsewhere the choice is made at run time (``lax.switch``); under ``vmap`` every mapped example takes the most careful
-  branch any of them needs, which is exact for all, so that one branch runs. The caller's use of the statistics
+  Elsewhere the choice is made at run time (``lax.switch``); under ``vmap`` every mapped example takes the most
+  careful branch any of them needs, which is exact for all, so that one branch runs. The caller's use of the statistics
   (``then``: normalizing x) and the values derived from the first pass are computed inside the branch: XLA:CPU
   runs a program of at most 8 operations on the calling thread and a longer one as a graph on its thread pool,
   whose hand-offs cost more than a small batch norm's arithmetic. So a batch norm forward pass keeps 8 operations
