@@ -169,6 +169,11 @@ def masked_moments(
         return pooled(*(masked_sum(value, axes, mask) for value in values))
 
     count = _count(x.shape, compute, axes, mask)
+    finish = then or (lambda stats: stats)
+    kernel = USE_STATISTICS_KERNEL and centered and not use_fast_variance and mask is None and axis_name is None
+    view = statistics_view(x, axes) if kernel else None
+    if view is not None:  # one pass, exact, no branch (see the module docstring)
+        return finish(Moments(count, *kernel_statistics(x, axes, view)))
     if centered:
         count, sum_x, sum_squares = pooled(count, *(masked_sum(v, axes, mask) for v in (wide(), jnp.square(wide()))))
     else:
@@ -176,7 +181,6 @@ def masked_moments(
     # The values derived from the first pass are computed where they are used, in each branch anew (see the module
     # docstring).
     first = functools.partial(_first_pass, count, sum_x if centered else None, sum_squares)
-    finish = then or (lambda stats: stats)
 
     def scale_of_x():
         magnitude = jnp.abs(lax.stop_gradient(wide()))  # pmax has no derivative; the scale needs none
@@ -226,10 +230,6 @@ def masked_moments(
     out_of_range = ~jnp.isfinite(mean_square) | ((mean_square < _TINY) & ((mean_square > 0) | (mean != 0)))
 
     def chosen_at_run_time():
-        kernel = USE_STATISTICS_KERNEL and mask is None and axis_name is None and centered
-        view = statistics_view(x, axes) if kernel else None
-        if view is not None:
-            return finish(Moments(count, *kernel_statistics(x, axes, view)))
         # The most careful branch any output position needs, in one reduction (the branches are ordered by care).
         cancels = jnp.square(mean) > _CANCELLATION_LIMIT * var
         branch = jnp.max(jnp.where(out_of_range, _RESCALE, jnp.where(cancels, _REFINE, _KEEP)), initial=_KEEP)
@@ -283,7 +283,8 @@ def _most_careful_vmap(axis_size, in_batched, branch):
 
 
 # Where the statistics kernel applies (``jbn._fused.statistics_view``: the CPU, channels-last data, no mask, no
-# cross-device axis), it computes them in one pass without a branch; tests turn it off to reach the branch.
+# cross-device axis), it computes them in one pass without a branch, for every platform compiled for (a kernel is
+# CPU code; exports need ``JBN_KERNELS=0`` anyway). Tests turn it off to reach the branch.
 USE_STATISTICS_KERNEL = True
 
 # Where a run-time branch costs more than a pass over x. On a GPU, XLA copies a branch's predicate to the host and
@@ -296,8 +297,9 @@ def upcast_apart(x, dtype, tag: int) -> jax.Array:
     """x in `dtype`, upcast where it is used, not once for all uses.
 
     XLA would write one shared float32 copy of a bfloat16 x to memory instead of fusing the upcast into each
-    reduction and elementwise pass that reads it. A barrier with a distinct `tag` per use keeps the upcasts apart
-    (XLA merges identical barriers).
+    reduction and elementwise pass that reads it. A barrier of a different shape per use keeps the upcasts apart:
+    x passed ``tag + 1`` times. XLA merges identical barriers, and drops a barrier's constant operands first, so
+    a constant tag, ``(x, tag)``, did not.
     """
     if x.dtype == dtype:
         return x
