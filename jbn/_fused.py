@@ -62,18 +62,17 @@ def layout(options, x, scale, bias, mask, epsilon) -> Layout | None:
         mask is not None
         or options.axis_name is not None
         or options.use_fast_variance
-        or x.dtype not in _DTYPES
         or options.dtype not in (None, x.dtype)
-        or x.size == 0
         or not _static(epsilon)
-        or any(not jax.typeof(v).sharding.mesh.empty for v in (x, scale, bias) if v is not None)
-        or jax.default_backend() != "cpu"
+        or not _on_the_cpu(x, scale, bias)
     ):
         return None
     axes = options.axes
     varying = {axis for v in (scale, bias) if v is not None for axis, size in enumerate(v.shape) if size != 1}
     runs = _runs(x.ndim, set(axes), varying)
-    if runs is None or 0 in axes:  # statistics across examples (batch norm): XLA's fused column sums do as well
+    # Statistics across examples (batch norm): only the statistics come from a kernel (`statistics_view`); the
+    # whole forward pass through the kernels was slower than XLA's normalization.
+    if runs is None or 0 in axes:
         return None
     s_from, g_from, k_from = runs
     if any(axis < g_from for axis in varying):
@@ -107,6 +106,17 @@ def _runs(ndim, reduced, varying):
         first = min((axis for axis in varying if axis < k_from), default=k_from)
         return (first, first, k_from)
     return (s_from, g_from, k_from)
+
+
+def _on_the_cpu(x, *others) -> bool:
+    """Whether the kernels can take x (and `others`, or None): float32 or bfloat16, not empty, unsharded, on the CPU."""
+    arrays = [v for v in (x, *others) if v is not None]
+    return (
+        x.dtype in _DTYPES
+        and x.size > 0
+        and all(jax.typeof(v).sharding.mesh.empty for v in arrays)
+        and jax.default_backend() == "cpu"
+    )
 
 
 def _static(epsilon) -> bool:
@@ -146,12 +156,10 @@ def statistics_view(x, axes) -> tuple[int, int, int] | None:
     axis): batch norm's ``(1, N·H·W, C, 1)`` on channels-last data. Channels first, ``(1, N, C, H·W)``, the kernel's
     sums per run of H·W took 2.6x the time of XLA's two sums (64x64x32x32), so that layout keeps XLA's.
     """
-    if x.dtype not in _DTYPES or x.size == 0 or not jax.typeof(x).sharding.mesh.empty:
-        return None
     runs = _runs(x.ndim, set(axes), set())
-    if runs is None or runs[0] != 0 or runs[1] == 0 or runs[2] != x.ndim:
+    if not _on_the_cpu(x) or runs is None or runs[0] != 0 or runs[1] == 0 or runs[2] != x.ndim:
         return None
-    if jax.default_backend() != "cpu" or not _kernel.enabled():
+    if not _kernel.enabled():
         return None
     _, g_from, k_from = runs
     return tuple(int(np.prod(x.shape[a:b], dtype=np.int64)) for a, b in ((0, g_from), (g_from, k_from), (k_from, None)))
