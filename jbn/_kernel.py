@@ -26,6 +26,7 @@ TARGETS = {
     "jbn_norm_forward": "JbnNormForward",
     "jbn_norm_backward": "JbnNormBackward",
     "jbn_norm_statistics": "JbnNormStatistics",
+    "jbn_norm_affine": "JbnNormAffine",
 }
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jbn import _fused
+
 
 def normalize(x, mean, var, scale=None, bias=None, *, epsilon, dtype=None, offset=None, input_scale=None) -> jax.Array:
     """``y = (x - mean) * rsqrt(var + epsilon) * scale + bias``, computed in `var`'s dtype (float32 or wider).
@@ -13,16 +15,24 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon, dtype=None, offse
     ``(x - mean) - offset``, which keeps full precision when `mean` is a large shift near the data. With
     `input_scale` ``s`` (a power of two), `mean`, `offset` and `var` describe ``x * s``; the result is
     ``(x - mean / s - offset / s) * rsqrt(var + epsilon s^2) * s``, the same value, with no square of extreme x.
-    The result is cast to `dtype`, x's dtype when None.
+    The result is cast to `dtype`, x's dtype when None. On the CPU, bfloat16 results of per-feature terms come
+    from a kernel (`jbn._fused.affine`: the same formula and bits; XLA:CPU rounds to bfloat16 slowly).
     """
     compute = var.dtype
+    dtype = x.dtype if dtype is None else jnp.dtype(dtype)
     multiplier = standardizing_multiplier(var, epsilon=epsilon, input_scale=input_scale)
     if scale is not None:
         multiplier = multiplier * scale.astype(compute)
-    y = centered(x.astype(compute), mean, offset=offset, input_scale=input_scale) * multiplier
+    shifts = _unscaled(mean, offset, input_scale)
+    bias = None if bias is None else bias.astype(compute)
+    terms = (*shifts, multiplier, bias)
+    view = _fused.affine_view(x, dtype, terms)
+    if view is not None:
+        return _fused.affine(x, terms, view)
+    y = _subtracted(x.astype(compute), shifts) * multiplier
     if bias is not None:
-        y = y + bias.astype(compute)
-    return y.astype(x.dtype if dtype is None else dtype)
+        y = y + bias
+    return y.astype(dtype)
 
 
 def centered(x, mean, *, offset=None, input_scale=None, spelled_apart=False) -> jax.Array:
@@ -31,11 +41,19 @@ def centered(x, mean, *, offset=None, input_scale=None, spelled_apart=False) -> 
     `spelled_apart` computes ``(x + (-mean / s)) + (-offset / s)``, the same value bit for bit, for a second use
     of the same centering that XLA must not merge with the first (it would write the shared array to memory).
     """
-    if input_scale is not None:
-        # Undo the scale on the per-feature terms (exact: a power of two), not on every element of x.
-        mean = None if mean is None else mean / input_scale
-        offset = None if offset is None else offset / input_scale
-    for term in (mean, offset):
+    return _subtracted(x, _unscaled(mean, offset, input_scale), spelled_apart=spelled_apart)
+
+
+def _unscaled(mean, offset, input_scale):
+    """``(mean / s, offset / s)``, each None where not given."""
+    if input_scale is None:
+        return mean, offset
+    # Undo the scale on the per-feature terms (exact: a power of two), not on every element of x.
+    return tuple(None if term is None else term / input_scale for term in (mean, offset))
+
+
+def _subtracted(x, terms, *, spelled_apart=False):
+    for term in terms:
         if term is not None:
             x = x + (-term) if spelled_apart else x - term
     return x

@@ -6,6 +6,7 @@ and gradients, eagerly and under jit, in float32 and bfloat16, for every (N, S, 
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -394,3 +395,88 @@ def test_derivatives_through_the_statistics_kernel_equal_the_xla_path(monkeypatc
     without = jax.jit(jax.grad(f))(x), jax.hessian(f)(x)
     for a, b in zip(with_kernel, without, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _without_affine_kernel(monkeypatch):
+    monkeypatch.setattr(_fused, "affine_view", lambda *args: None)
+    jax.clear_caches()
+
+
+# (x shape, feature_axes): channels last (rows of C), channels first (runs of H·W), two feature axes (one run).
+AFFINE_LAYOUTS = [((64, 12), -1), ((4, 5, 6, 8), -1), ((3, 8, 4, 5), 1), ((5, 3, 4, 16), (1, 2))]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+@pytest.mark.parametrize(("shape", "axes"), AFFINE_LAYOUTS)
+def test_bfloat16_batch_norm_normalizes_through_the_affine_kernel_with_the_xla_paths_bits(
+    shape, axes, training, monkeypatch
+):
+    """Batch norm's normalization in bfloat16 gives XLA's bits, special values included, eagerly and under jit."""
+    x = np.array(data(shape, offset=5.0, spread=3.0), np.float32)
+    x.reshape(-1)[:5] = [np.nan, np.inf, -np.inf, 0.0, -0.0]
+    x = jnp.asarray(x).astype(jnp.bfloat16)
+    channels = int(np.prod([shape[a] for a in np.atleast_1d(axes)]))
+    features = [shape[a] for a in np.atleast_1d(axes)]
+    state = jbn.batch_norm_state(features)._replace(
+        mean=jnp.linspace(4.0, 6.0, channels).reshape(features), var=jnp.linspace(0.5, 9.0, channels).reshape(features)
+    )
+    scale = jnp.linspace(0.5, 1.5, channels).reshape(features)
+    step = jax.jit(lambda x: jbn.batch_norm(x, state, scale, None, training=training, feature_axes=axes)[0])
+    assert "jbn_norm_affine" in step.lower(x).compile().as_text()
+    with_kernel = step(x), jbn.batch_norm(x, state, scale, None, training=training, feature_axes=axes)[0]
+    _without_affine_kernel(monkeypatch)
+    step = jax.jit(lambda x: jbn.batch_norm(x, state, scale, None, training=training, feature_axes=axes)[0])
+    assert "jbn_norm_affine" not in step.lower(x).compile().as_text()
+    for got in with_kernel:
+        chex.assert_trees_all_equal(got.view(jnp.uint16), step(x).view(jnp.uint16))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "axes", "why"),
+    [
+        (jnp.float32, (64, 12), -1, "float32: XLA's own code is as fast"),
+        (jnp.bfloat16, (4, 3, 2, 5), 1, "runs of 10 elements per entry"),
+        (jnp.bfloat16, (4, 5, 6, 8), (1, 3), "features along two runs of axes"),
+        (jnp.bfloat16, (8, 12), -1, "fewer than 16 rows per entry"),
+    ],
+)
+def test_the_affine_kernel_leaves_these_to_xla(dtype, shape, axes, why):
+    x = data(shape, dtype)
+    features = [shape[a] for a in np.atleast_1d(axes)]
+    step = jax.jit(lambda x: jbn.batch_norm(x, jbn.batch_norm_state(features), training=False, feature_axes=axes)[0])
+    assert "jbn_norm_affine" not in step.lower(x).compile().as_text(), why
+
+
+def test_the_affine_kernel_under_vmap_and_its_derivatives_equal_the_xla_path(monkeypatch):
+    """vmap over x and over the running statistics (one set of terms per mapped example), and first and second
+    derivatives with respect to x, scale, bias and the statistics, equal the XLA path's."""
+    x = jnp.stack([data((32, 8), jnp.bfloat16, seed=i, offset=i) for i in range(3)])
+    means, variances = jnp.stack([jnp.full(8, float(i)) for i in range(3)]), jnp.linspace(0.5, 2.0, 24).reshape(3, 8)
+    scale, bias = jnp.linspace(0.5, 1.5, 8), jnp.linspace(-1.0, 1.0, 8)
+
+    def loss(x, scale, bias, mean, var):
+        state = jbn.BatchNormState(mean, var, None)
+        y = jbn.batch_norm(x, state, scale, bias, training=False)[0]
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    def results():
+        mapped = jax.jit(
+            jax.vmap(lambda x, m, v: jbn.batch_norm(x, jbn.BatchNormState(m, v, None), scale, bias, training=False)[0])
+        )
+        text = mapped.lower(x, means, variances).compile().as_text()
+        over_x = jax.vmap(
+            lambda x: jbn.batch_norm(x, jbn.BatchNormState(means[0], variances[0], None), scale, bias, training=False)[
+                0
+            ]
+        )(x)
+        args = (x[0], scale, bias, means[0], variances[0])
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
+        hessian = jax.hessian(loss, argnums=1)(*args)
+        return text.count("jbn_norm_affine"), mapped(x, means, variances), over_x, grads, hessian
+
+    calls, *with_kernel = results()
+    assert calls == 1
+    _without_affine_kernel(monkeypatch)
+    calls, *without = results()
+    assert calls == 0
+    chex.assert_trees_all_close(with_kernel, without, rtol=1e-6, atol=1e-6)

@@ -9,6 +9,7 @@
 // on XLA's intra-op thread pool in a fixed partition: results do not depend on thread timing.
 //
 //   statistics: per (n, g): mean and var only (batch norm's, which XLA normalizes)
+//   affine:   y = ((x - m) - o) * a + b with given per-channel terms (batch norm's normalization in bfloat16)
 //   forward:  per (n, g): mean, var, std = sqrt(var + eps);  y = (x - mean) / std * scale + bias
 //   backward: with xhat = (x - mean) / std and g = dy * scale, per (n, g):
 //             dx = (g - <g> - xhat <g xhat>) / std   (<g> dropped without centering)
@@ -850,6 +851,58 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
   Parallel::For(pool, tasks.count, [&](int64_t t, int64_t) { slice_dx(SliceOf(d, tasks, t), -1); });
 }
 
+// ---- Normalization with given per-feature terms (batch norm's: XLA computes them from the statistics). ----
+//
+// y = ((x - m) - o) * a + b, rounded once to x's dtype, with x as (P, R, C, K) and one entry of each term per
+// (p, c), constant along K (P > 1 under vmap: one set of terms per mapped example). The multiply-add is fused, as
+// in XLA's elementwise code for the same formula, which gives the same bits. Lines of work: rows of C channels
+// (K = 1), or runs of K elements of one channel; tasks of about 64K elements.
+struct Terms {
+  const float *m, *o, *a, *b;
+};
+
+// Rows [begin, end) of C channels, row i with the terms of example i / R.
+template <typename T>
+void TermRows(const T* x, const Terms& t, T* y, int64_t begin, int64_t end, int64_t R, int64_t C) {
+  for (int64_t i = begin; i < end;) {
+    const int64_t e = i / R * C, stop = std::min(end, (i / R + 1) * R);
+    const float *m = t.m + e, *o = t.o + e, *a = t.a + e, *b = t.b + e;
+    for (; i < stop; ++i) {
+      const T* in = x + i * C;
+      T* out = y + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) Store(out, c, std::fma((Load(in, c) - m[c]) - o[c], a[c], b[c]));
+    }
+  }
+}
+
+// Runs [begin, end) of K elements, run i with the entry (i / (R * C), i % C).
+template <typename T>
+void TermRuns(const T* x, const Terms& t, T* y, int64_t begin, int64_t end, int64_t R, int64_t C, int64_t K) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t e = i / (R * C) * C + i % C;
+    const float m = t.m[e], o = t.o[e], a = t.a[e], b = t.b[e];
+    const T* in = x + i * K;
+    T* out = y + i * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) Store(out, k, std::fma((Load(in, k) - m) - o, a, b));
+  }
+}
+
+template <typename T>
+void ApplyTerms(ffi::ThreadPool& pool, const T* x, const Terms& terms, T* y, int64_t P, int64_t R, int64_t C, int64_t K) {
+  const int64_t line = K == 1 ? C : K, lines = P * R * (K == 1 ? 1 : C);
+  const int64_t per_task = std::max<int64_t>(1, 65536 / line), tasks = (lines + per_task - 1) / per_task;
+  Parallel::For(pool, tasks, [&](int64_t t, int64_t) {
+    const int64_t begin = t * per_task, end = std::min(lines, begin + per_task);
+    if (K == 1) {
+      TermRows(x, terms, y, begin, end, R, C);
+    } else {
+      TermRuns(x, terms, y, begin, end, R, C, K);
+    }
+  });
+}
+
 // ---- Entry points. ----
 
 // x comes in its own shape (a reshape would cost XLA a copy for bfloat16); its view is given as attributes.
@@ -1014,6 +1067,33 @@ ffi::Error StatisticsHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, int64_t s, 
   return ffi::Error::Success();
 }
 
+// The terms have P * C entries each; x's size is P * R * C * K.
+ffi::Error AffineHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> o,
+                         ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, int64_t c, int64_t k,
+                         ffi::Result<ffi::AnyBuffer> y) {
+  const int64_t terms = static_cast<int64_t>(m.element_count()), size = static_cast<int64_t>(x.element_count());
+  for (const auto* term : {&o, &a, &b}) {
+    if (static_cast<int64_t>(term->element_count()) != terms) {
+      return ffi::Error::InvalidArgument("jbn: the per-feature terms differ in size");
+    }
+  }
+  if (c < 1 || k < 1 || terms % c != 0 || size % (terms * k) != 0) {
+    return ffi::Error::InvalidArgument("jbn: the view (c, k) does not match x and the terms");
+  }
+  if (x.element_type() != y->element_type()) return ffi::Error::InvalidArgument("jbn: x and y dtypes differ");
+  const int64_t P = terms / c, R = size / (terms * k);
+  const Terms given{m.typed_data(), o.typed_data(), a.typed_data(), b.typed_data()};
+  if (IsF32(x)) {
+    ApplyTerms(pool, x.typed_data<float>(), given, y->typed_data<float>(), P, R, c, k);
+  } else if (IsBF16(x)) {
+    ApplyTerms(pool, reinterpret_cast<const uint16_t*>(x.untyped_data()), given,
+               reinterpret_cast<uint16_t*>(y->untyped_data()), P, R, c, k);
+  } else {
+    return ffi::Error::InvalidArgument("jbn: x must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormForward, ForwardHandler,
@@ -1058,3 +1138,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormStatistics, StatisticsHandler,
                                   .Attr<int64_t>("g")
                                   .Attr<int64_t>("k")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormAffine, AffineHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("c")
+                                  .Attr<int64_t>("k")
+                                  .Ret<ffi::AnyBuffer>());
