@@ -142,13 +142,20 @@ def standardize(x, scale, bias, plan: Layout, *, epsilon, centered):
     shape = x.shape[plan.groups_from : plan.entries_until]
 
     def entries(value, default):
-        if value is None:
-            return jnp.full((int(np.prod(shape, dtype=np.int64)),), default, jnp.float32)
-        value = value.reshape(value.shape[plan.groups_from : plan.entries_until])
-        return jnp.broadcast_to(value, shape).reshape(-1).astype(jnp.float32)
+        given = None if value is None else value.reshape(value.shape[plan.groups_from : plan.entries_until])
+        return _entries(given, default, shape)
 
     view = tuple(np.int64(size) for size in plan[:4])
     return _standardize(x, entries(scale, 1.0), entries(bias, 0.0), np.float32(epsilon), centered, view)
+
+
+def _entries(value, default, shape) -> jax.Array:
+    """`value` broadcast to `shape` (or `default` where None), flattened, float32: a kernel's per-entry input."""
+    return (
+        (jnp.full(shape, default, jnp.float32) if value is None else jnp.broadcast_to(value, shape))
+        .reshape(-1)
+        .astype(jnp.float32)
+    )
 
 
 def statistics_view(x, axes) -> tuple[int, int, int] | None:
@@ -230,12 +237,8 @@ def affine(x, terms, view) -> jax.Array:
     of a zero product as ``(x - m) * a`` alone would). Its derivatives are plain JAX; under ``vmap`` every term is
     broadcast to the mapped examples.
     """
-    shape = view[2]
-
-    def entries(term, default):
-        return (jnp.full(shape, default, jnp.float32) if term is None else jnp.broadcast_to(term, shape)).reshape(-1)
-
-    return _affine(x, *map(entries, terms, (0.0, 0.0, 1.0, -0.0)), view)
+    entries = (_entries(term, default, view[2]) for term, default in zip(terms, (0.0, 0.0, 1.0, -0.0), strict=True))
+    return _affine(x, *entries, view)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))

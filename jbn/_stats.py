@@ -58,9 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jbn import _checks
-from jbn._fused import statistics as kernel_statistics
-from jbn._fused import statistics_view
+from jbn import _checks, _fused
 from jbn._normalize import centered as centered_on
 
 
@@ -170,10 +168,12 @@ def masked_moments(
 
     count = _count(x.shape, compute, axes, mask)
     finish = then or (lambda stats: stats)
-    kernel = USE_STATISTICS_KERNEL and centered and not use_fast_variance and mask is None and axis_name is None
-    view = statistics_view(x, axes) if kernel else None
-    if view is not None:  # one pass, exact, no branch (see the module docstring)
-        return finish(Moments(count, *kernel_statistics(x, axes, view)))
+    # The statistics kernel where it applies (see the module docstring), for every platform compiled for: a kernel
+    # is CPU code, and exports need ``JBN_KERNELS=0`` anyway.
+    kernel = centered and not use_fast_variance and mask is None and axis_name is None
+    view = _fused.statistics_view(x, axes) if kernel else None
+    if view is not None:
+        return finish(Moments(count, *_fused.statistics(x, axes, view)))
     if centered:
         count, sum_x, sum_squares = pooled(count, *(masked_sum(v, axes, mask) for v in (wide(), jnp.square(wide()))))
     else:
@@ -281,11 +281,6 @@ def _most_careful_vmap(axis_size, in_batched, branch):
     (batched,) = in_batched
     return (_most_careful(jnp.max(branch, 0)) if batched else branch), False
 
-
-# Where the statistics kernel applies (``jbn._fused.statistics_view``: the CPU, channels-last data, no mask, no
-# cross-device axis), it computes them in one pass without a branch, for every platform compiled for (a kernel is
-# CPU code; exports need ``JBN_KERNELS=0`` anyway). Tests turn it off to reach the branch.
-USE_STATISTICS_KERNEL = True
 
 # Where a run-time branch costs more than a pass over x. On a GPU, XLA copies a branch's predicate to the host and
 # waits for it: on an H100 the branch made forward passes up to 2x slower (layer norm on 16x512x768: 88 µs against

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jbn
-from jbn import _stats
+from jbn import _fused, _stats
 from tests import reference
 from tests.helpers import EVERY_PLATFORM, MODES, call, data, f64
 
@@ -114,7 +114,7 @@ def test_vmap_with_a_different_path_per_example():
 def test_under_vmap_one_branch_runs_for_every_example(monkeypatch):
     """A mapped switch would compute every branch and select; the most careful branch serves all examples."""
     monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", ())
-    monkeypatch.setattr(_stats, "USE_STATISTICS_KERNEL", False)
+    monkeypatch.setattr(_fused, "statistics_view", lambda *args: None)
     x = jnp.stack([data((32, 2)), data((32, 2), seed=1, offset=1e4)])  # one per side of the limit
     vmapped = jax.jit(jax.vmap(jax.vmap(lambda xi: jbn.moments(xi, 0)), in_axes=1, out_axes=1))
     assert vmapped.lower(x[:, None]).compile().as_text().count(" conditional(") == 1
@@ -131,7 +131,7 @@ def test_the_platform_compiled_for_decides_whether_the_statistics_branch_at_run_
     def conditionals():
         return jax.jit(lambda x: jbn.moments(x, 0)).lower(x).compile().as_text().count(" conditional(")
 
-    monkeypatch.setattr(_stats, "USE_STATISTICS_KERNEL", False)
+    monkeypatch.setattr(_fused, "statistics_view", lambda *args: None)
     monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", ())
     assert conditionals() == 1
     monkeypatch.setattr(_stats, "BRANCH_FREE_PLATFORMS", EVERY_PLATFORM)
