@@ -367,6 +367,23 @@ def test_batch_norm_statistics_of_extreme_magnitudes_are_scaled_by_a_power_of_tw
     np.testing.assert_allclose(f64(y), (f64(x) - ref_mean) / np.sqrt(ref_var), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(600, 700), (2100, 250)],
+    ids=["4 slices on the calling thread", "5 slices on the thread pool"],  # 420K and 525K elements
+)
+def test_batch_norm_statistics_pool_their_slices_exactly(shape):
+    """Slices of 128K elements, each about its own shift, pooled with Chan's formula: the statistics are those of
+    the whole batch to float32's precision, also where the rows drift far from zero and apart slice by slice."""
+    rows = np.arange(shape[0])[:, None]
+    x = jnp.asarray(1e4 + 0.05 * rows + np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    scale, shift, offset, var = _fused.statistics(x, (0,), _fused.statistics_view(x, (0,)))
+    ref_mean, ref_var = reference.moments(f64(x), 0)
+    np.testing.assert_allclose(f64(scale), 1.0)
+    np.testing.assert_allclose(f64(shift) + f64(offset), ref_mean, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(f64(var), ref_var, rtol=2**-23)
+
+
 @pytest.mark.parametrize("in_axes", [0, 1])
 def test_the_statistics_kernel_folds_a_vmapped_batch_into_its_examples(in_axes):
     """Under vmap the kernel runs once, with the batch as examples, in front of x whichever axis was mapped."""
