@@ -115,14 +115,16 @@ struct Dims {
   int64_t example() const { return s * g * k; }
 };
 
-// Runs body(0 .. count-1) on the calling thread and the pool. The caller takes work too and only waits for
-// items already started, so it never waits on a task the pool has not begun (no deadlock on a busy pool).
+// Runs body(0 .. count-1) on the calling thread and the pool (on the calling thread alone where `alone`). The
+// caller takes work too and only waits for items already started, so it never waits on a task the pool has not
+// begun (no deadlock on a busy pool).
 class Parallel {
  public:
-  static void For(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t, int64_t)> body) {
+  static void For(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t, int64_t)> body,
+                  bool alone = false) {
     if (count <= 0) return;
     auto work = std::make_shared<Parallel>(count, std::move(body));
-    int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+    const int64_t helpers = alone ? 0 : std::min<int64_t>(pool.num_threads(), count - 1);
     for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
     work->Run();
     std::unique_lock<std::mutex> lock(work->mutex_);
@@ -152,6 +154,12 @@ class Parallel {
 };
 
 int64_t Workers(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads() + 1); }
+
+// The one-pass kernels (statistics, affine) run inputs of up to kAloneElements on the calling thread alone: a
+// helper thread of XLA's pool starts 3-20 us after it is asked. On a 2-core AVX-512 EPYC, alone took 0.83-0.87x
+// the time of two threads for batch norm's float32 statistics up to 512K elements, and 0.82-0.94x for its
+// bfloat16 normalization; at 1M elements two threads took 0.86-0.91x. The tasks, and so the results, are the same.
+constexpr int64_t kAloneElements = int64_t{1} << 19;
 
 // Where the statistics go: mean as (hi, lo) pairs, std and var, each per (n, g).
 struct Statistics {
@@ -666,10 +674,8 @@ void PlanesForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affin
 // Per example n, four rows of G floats: hi and lo of mean * scale, var * scale^2 and scale, a power of two, 1
 // unless the variance leaves [2^-100, 2^100] (then var * scale^2 is in [1/4, 1)), so that the squares XLA forms
 // from them stay in float32's range. Slices of kStatisticsElements, so that a slice stays in L2 across its
-// channel chunks. Inputs of up to kAloneElements run on the calling thread alone: a helper thread of XLA's pool
-// starts 3-20 us after it is asked, and on a 2-core AVX-512 EPYC the calling thread alone took 0.83-0.87x the
-// time up to 512K float32 elements (2 MiB), two threads 0.86x at 1M. The slices, and so the results, are the same.
-constexpr int64_t kStatisticsElements = int64_t{1} << 17, kAloneElements = int64_t{1} << 19;
+// channel chunks.
+constexpr int64_t kStatisticsElements = int64_t{1} << 17;
 
 void SetScaled(double mean, double var, float* out, int64_t stride) {
   double scale = 1.0;
@@ -691,15 +697,11 @@ void PlanesStatistics(ffi::ThreadPool& pool, const Dims& d, const T* x, float* o
   const int64_t per = std::max<int64_t>(1, std::min((d.example() + kStatisticsElements - 1) / kStatisticsElements, d.s));
   const Tasks tasks{per, d.n * per};
   std::vector<double> means(tasks.count * d.g), m2s(tasks.count * d.g);
-  auto slice = [&](int64_t t, int64_t) {
+  const auto slice = [&](int64_t t, int64_t) {
     SliceScratch scratch;
     SliceMoments(d, x, SliceOf(d, tasks, t), true, means.data() + t * d.g, m2s.data() + t * d.g, scratch);
   };
-  if (d.n * d.example() <= kAloneElements) {
-    for (int64_t t = 0; t < tasks.count; ++t) slice(t, -1);
-  } else {
-    Parallel::For(pool, tasks.count, slice);
-  }
+  Parallel::For(pool, tasks.count, slice, d.n * d.example() <= kAloneElements);
   for (int64_t n = 0; n < d.n; ++n) {
     PoolSlices(d, tasks, n, means.data(), m2s.data(), [&](int64_t i, double mean, double var) {
       SetScaled(mean, var, out + 4 * n * d.g + (i - n * d.g), d.g);
@@ -906,14 +908,15 @@ template <typename T>
 void ApplyTerms(ffi::ThreadPool& pool, const T* x, const Terms& terms, T* y, int64_t P, int64_t R, int64_t C, int64_t K) {
   const int64_t line = K == 1 ? C : K, lines = P * R * (K == 1 ? 1 : C);
   const int64_t per_task = std::max<int64_t>(1, 65536 / line), tasks = (lines + per_task - 1) / per_task;
-  Parallel::For(pool, tasks, [&](int64_t t, int64_t) {
+  const auto lines_of = [&](int64_t t, int64_t) {
     const int64_t begin = t * per_task, end = std::min(lines, begin + per_task);
     if (K == 1) {
       TermRows(x, terms, y, begin, end, R, C);
     } else {
       TermRuns(x, terms, y, begin, end, R, C, K);
     }
-  });
+  };
+  Parallel::For(pool, tasks, lines_of, P * R * C * K <= kAloneElements);
 }
 
 // ---- Entry points. ----
