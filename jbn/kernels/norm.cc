@@ -178,12 +178,20 @@ void SetStatistics(double mean, double var, double eps, float* mean_out, float* 
 // The two elementwise formulas, from per-channel floats (hi + lo: the mean; inv: 1 / std):
 //   y = xhat * scale + bias,  dx = inv * (dy * scale - a - xhat * b),  with xhat = (x - hi - lo) * inv
 // and a = <dy * scale>, b = <dy * scale * xhat> over the statistics' group.
-inline float OutputOf(float v, float hi, float lo, float inv, float scale, float bias) {
-  return (v - hi - lo) * inv * scale + bias;
+// Without centering (kCentered false: RMS norm's rows) hi and lo are 0 and left out, the same values (x - 0 is x):
+// on (16, 512, 768), RMS norm's forward pass took 0.79-0.85x the time in bfloat16 (training 0.87-0.93x), 0.88-0.98x
+// in float32.
+template <bool kCentered = true>
+inline float XhatOf(float v, float hi, float lo, float inv) {
+  return (kCentered ? v - hi - lo : v) * inv;
 }
+template <bool kCentered = true>
+inline float OutputOf(float v, float hi, float lo, float inv, float scale, float bias) {
+  return XhatOf<kCentered>(v, hi, lo, inv) * scale + bias;
+}
+template <bool kCentered = true>
 inline float GradientOf(float v, float grad, float hi, float lo, float inv, float scale, float a, float b) {
-  const float xhat = (v - hi - lo) * inv;
-  return inv * (grad * scale - a - xhat * b);
+  return inv * (grad * scale - a - XhatOf<kCentered>(v, hi, lo, inv) * b);
 }
 
 // Scale and bias with one entry per run of `run` consecutive elements of a group's K: per channel (run 1), per
@@ -245,40 +253,50 @@ double RunSum(int64_t K, F&& term) {
   return total;
 }
 
-template <typename T>
+// y of one row and its statistics. Without centering (RMS norm) the shift, the sum and the subtractions of the
+// zero mean are left out (see XhatOf).
+template <bool kCentered, typename T>
 void RowForward(const T* x, const float* scale, const float* bias, int64_t run, T* y, int64_t K, double eps,
-                bool centered, float* mean_out, float* std_out, float* var_out, bool stream) {
+                float* mean_out, float* std_out, float* var_out, bool stream) {
   // One pass of d = x - shift and d^2 in double, the shift being the first element (see SliceMoments).
-  const double shift = centered ? Load(x, 0) : 0.0;
+  const double shift = kCentered ? Load(x, 0) : 0.0;
   double sum = 0.0, sq = 0.0;
+  if constexpr (kCentered) {
 #pragma omp simd reduction(+ : sum, sq)
-  for (int64_t k = 0; k < K; ++k) {
-    const double v = Load(x, k) - shift;
-    sum += v;
-    sq += v * v;
+    for (int64_t k = 0; k < K; ++k) {
+      const double v = Load(x, k) - shift;
+      sum += v;
+      sq += v * v;
+    }
+  } else {
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < K; ++k) {
+      const double v = Load(x, k);
+      sq += v * v;
+    }
   }
-  const double m = centered ? shift + sum / K : 0.0;
-  const double var = centered ? std::max(0.0, (sq - sum * (sum / K)) / K) : sq / K;
+  const double m = kCentered ? shift + sum / K : 0.0;
+  const double var = kCentered ? std::max(0.0, (sq - sum * (sum / K)) / K) : sq / K;
   SetStatistics(m, var, eps, mean_out, std_out, var_out);
   const float hi = mean_out[0], lo = mean_out[1], r = static_cast<float>(1.0 / std::sqrt(var + eps));
   if (run == 1) {
-    return PutRow(y, K, stream, [&](int64_t k) { return OutputOf(Load(x, k), hi, lo, r, scale[k], bias[k]); });
+    return PutRow(y, K, stream,
+                  [&](int64_t k) { return OutputOf<kCentered>(Load(x, k), hi, lo, r, scale[k], bias[k]); });
   }
   for (int64_t j = 0; j < K / run; ++j) {
     const int64_t o = j * run;
     const float sj = scale[j], bj = bias[j];
-    PutRow(y + o, run, stream, [=](int64_t k) { return OutputOf(Load(x, o + k), hi, lo, r, sj, bj); });
+    PutRow(y + o, run, stream, [=](int64_t k) { return OutputOf<kCentered>(Load(x, o + k), hi, lo, r, sj, bj); });
   }
 }
 
 // dx of one row, and its dy * xhat and dy added to dscale and dbias: per channel (K entries, float) or, with one
 // scale entry per run of `run` elements, to the runs' entries (double).
-template <typename T, typename U>
+template <bool kCentered, typename T, typename U>
 void RowBackward(const T* x, const float* mean, float std, const float* scale, int64_t run, const U* dy, T* dx,
-                 float* dscale, float* dbias, double* run_dscale, double* run_dbias, int64_t K, bool centered,
-                 bool stream) {
+                 float* dscale, float* dbias, double* run_dscale, double* run_dbias, int64_t K, bool stream) {
   const float hi = mean[0], lo = mean[1], r = static_cast<float>(1.0 / std);
-  auto xhat = [=](int64_t k) { return (Load(x, k) - hi - lo) * r; };
+  auto xhat = [=](int64_t k) { return XhatOf<kCentered>(Load(x, k), hi, lo, r); };
   double sum_g = 0.0, sum_gx = 0.0;
   if (run > 1) {
     for (int64_t j = 0; j < K / run; ++j) {
@@ -287,7 +305,7 @@ void RowBackward(const T* x, const float* mean, float std, const float* scale, i
       const double sum_dyx = RunSum(run, [=](int64_t k) { return Load(dy, o + k) * xhat(o + k); });
       run_dscale[j] += sum_dyx;
       run_dbias[j] += sum_dy;
-      sum_g += centered ? scale[j] * sum_dy : 0.0;
+      sum_g += kCentered ? scale[j] * sum_dy : 0.0;
       sum_gx += scale[j] * sum_dyx;
     }
   } else {
@@ -297,19 +315,19 @@ void RowBackward(const T* x, const float* mean, float std, const float* scale, i
       dscale[k] += grad * xhat(k);
       dbias[k] += grad;
     }
-    sum_g = centered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
+    sum_g = kCentered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
     sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * xhat(k); });
   }
   const float a = static_cast<float>(sum_g / K), b = static_cast<float>(sum_gx / K);
   if (run == 1) {
     return PutRow(dx, K, stream,
-                  [&](int64_t k) { return GradientOf(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); });
+                  [&](int64_t k) { return GradientOf<kCentered>(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); });
   }
   for (int64_t j = 0; j < K / run; ++j) {
     const int64_t o = j * run;
     const float sj = scale[j];
     PutRow(dx + o, run, stream,
-           [=](int64_t k) { return GradientOf(Load(x, o + k), Load(dy, o + k), hi, lo, r, sj, a, b); });
+           [=](int64_t k) { return GradientOf<kCentered>(Load(x, o + k), Load(dy, o + k), hi, lo, r, sj, a, b); });
   }
 }
 
@@ -321,8 +339,9 @@ void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine&
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     for (int64_t i = Split(chunk, chunks, rows); i < Split(chunk + 1, chunks, rows); ++i) {
       const int64_t e = affine.Entry((i % d.g) * d.k);
-      RowForward(x + i * d.k, affine.scale + e, affine.bias + e, affine.run, y + i * d.k, d.k, eps, centered,
-                 out.mean + 2 * i, out.std + i, out.var + i, stream);
+      const auto row = centered ? RowForward<true, T> : RowForward<false, T>;
+      row(x + i * d.k, affine.scale + e, affine.bias + e, affine.run, y + i * d.k, d.k, eps, out.mean + 2 * i,
+          out.std + i, out.var + i, stream);
     }
     if (stream) StreamFence();
   });
@@ -345,8 +364,9 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
       const int64_t e = affine.Entry((i % d.g) * d.k);
       float *block_ds = nullptr, *block_db = nullptr;
       if (per_channel) block_ds = block.data() + e, block_db = block.data() + P + e;
-      RowBackward(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.run, dy + i * d.k, dx + i * d.k,
-                  block_ds, block_db, ds + e, ds + P + e, d.k, centered, stream);
+      const auto row = centered ? RowBackward<true, T, U> : RowBackward<false, T, U>;
+      row(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.run, dy + i * d.k, dx + i * d.k, block_ds,
+          block_db, ds + e, ds + P + e, d.k, stream);
       if (per_channel && ((i - begin + 1) % kFloatBlock == 0 || i + 1 == end)) {
 #pragma omp simd
         for (int64_t c = 0; c < 2 * P; ++c) ds[c] += block[c];
