@@ -336,10 +336,10 @@ void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine&
                  double eps, bool centered) {
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g;
   const bool stream = Streams(y, d.n * d.example(), affine.Piece(d.k));
+  const auto row = centered ? RowForward<true, T> : RowForward<false, T>;
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     for (int64_t i = Split(chunk, chunks, rows); i < Split(chunk + 1, chunks, rows); ++i) {
       const int64_t e = affine.Entry((i % d.g) * d.k);
-      const auto row = centered ? RowForward<true, T> : RowForward<false, T>;
       row(x + i * d.k, affine.scale + e, affine.bias + e, affine.run, y + i * d.k, d.k, eps, out.mean + 2 * i,
           out.std + i, out.var + i, stream);
     }
@@ -354,6 +354,7 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
   std::vector<double> partial(2 * P * chunks, 0.0);  // per chunk: dscale, then dbias, per scale entry
   const bool per_channel = affine.run == 1;
   const bool stream = Streams(dx, d.n * d.example(), affine.Piece(d.k));
+  const auto row = centered ? RowBackward<true, T, U> : RowBackward<false, T, U>;
   Parallel::For(pool, chunks, [&, chunks](int64_t chunk, int64_t) {
     // Per channel, dscale and dbias are summed in float over blocks of kFloatBlock rows, then in double. Per run,
     // each row's sums are double already.
@@ -364,7 +365,6 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
       const int64_t e = affine.Entry((i % d.g) * d.k);
       float *block_ds = nullptr, *block_db = nullptr;
       if (per_channel) block_ds = block.data() + e, block_db = block.data() + P + e;
-      const auto row = centered ? RowBackward<true, T, U> : RowBackward<false, T, U>;
       row(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.run, dy + i * d.k, dx + i * d.k, block_ds,
           block_db, ds + e, ds + P + e, d.k, stream);
       if (per_channel && ((i - begin + 1) % kFloatBlock == 0 || i + 1 == end)) {
@@ -888,13 +888,15 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
 
 // ---- Normalization with given per-feature terms (batch norm's: XLA computes them from the statistics). ----
 //
-// y = ((x - m) - o) * a + b, rounded once to x's dtype, with x as (P, R, C, K) and one entry of each term per
-// (p, c), constant along K (P > 1 under vmap: one set of terms per mapped example). The multiply-add is fused, as
-// in XLA's elementwise code for the same formula, which gives the same bits. Lines of work: rows of C channels
+// y = ((x - m) - o) * a + b (TermOf), rounded once to x's dtype, with x as (P, R, C, K) and one entry of each term
+// per (p, c), constant along K (P > 1 under vmap: one set of terms per mapped example). The multiply-add is fused,
+// as in XLA's elementwise code for the same formula, which gives the same bits. Lines of work: rows of C channels
 // (K = 1), or runs of K elements of one channel; tasks of about 64K elements.
 struct Terms {
   const float *m, *o, *a, *b;
 };
+
+inline float TermOf(float v, float m, float o, float a, float b) { return std::fma((v - m) - o, a, b); }
 
 // Rows [begin, end) of C channels, row i with the terms of example i / R.
 template <typename T>
@@ -906,7 +908,7 @@ void TermRows(const T* x, const Terms& t, T* y, int64_t begin, int64_t end, int6
       const T* in = x + i * C;
       T* out = y + i * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) Store(out, c, std::fma((Load(in, c) - m[c]) - o[c], a[c], b[c]));
+      for (int64_t c = 0; c < C; ++c) Store(out, c, TermOf(Load(in, c), m[c], o[c], a[c], b[c]));
     }
   }
 }
@@ -920,7 +922,7 @@ void TermRuns(const T* x, const Terms& t, T* y, int64_t begin, int64_t end, int6
     const T* in = x + i * K;
     T* out = y + i * K;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) Store(out, k, std::fma((Load(in, k) - m) - o, a, b));
+    for (int64_t k = 0; k < K; ++k) Store(out, k, TermOf(Load(in, k), m, o, a, b));
   }
 }
 
