@@ -138,6 +138,12 @@ def _standardize_jvp(options, primals, tangents):
     y, statistics, residuals = _forward(options, x, scale, bias, mask, fallback, epsilon)
     named = {"x": dx, "scale": dscale, "bias": dbias, "fallback": dfallback, "epsilon": depsilon}
     present = {name: _instantiate(tangent) for name, tangent in named.items() if not _is_zero(tangent)}
+    view = _fused.tangent_view(options, x, scale, mask, present)
+    if view is not None:
+        multiplier = standardizing_multiplier(residuals.var, epsilon=epsilon, input_scale=residuals.input_scale)
+        shift, offset = (term / residuals.input_scale for term in (residuals.shift, residuals.offset))
+        dy, dmean, dvar = _fused.batch_tangent(x, scale, shift, offset, multiplier, present, view)
+        return (y, statistics), (dy, Statistics(dmean, dvar, jnp.zeros_like(statistics.count)))
 
     @jax.checkpoint  # the backward pass recomputes xhat from x instead of keeping it
     def tangent(x, scale, mask, epsilon, residuals, present):

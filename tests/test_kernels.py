@@ -248,8 +248,11 @@ def test_the_plain_jax_twins_equal_the_kernels(name, fn, shape, kwargs, view):
     fused = jax.jit(lambda *a: _fused.forward_p.bind(*a, **params))(x, scale, bias)
     _assert_close(fused, _fused._reference_forward(x, scale, bias, **params), rtol=1e-5, atol=1e-5)
     _, mean, std, _ = fused
-    backward = jax.jit(lambda *a: _fused.backward_p.bind(*a, centered=centered, **dims))(x, mean, std, scale, dy)
-    expected = _fused._reference_backward(x, mean, std, scale, dy, centered=centered, **dims)
+    # The statistics' cotangents too (batch norm's running statistics are outputs).
+    dmean, dvar = (jax.random.normal(jax.random.key(seed), std.shape) for seed in (3, 4))
+    grads = (x, mean, std, scale, dy, dmean, dvar)
+    backward = jax.jit(lambda *a: _fused.backward_p.bind(*a, centered=centered, **dims))(*grads)
+    expected = _fused._reference_backward(*grads, centered=centered, **dims)
     _assert_close(backward, expected, atol=1e-4)
 
 

@@ -294,7 +294,8 @@ void RowForward(const T* x, const float* scale, const float* bias, int64_t run, 
 // scale entry per run of `run` elements, to the runs' entries (double).
 template <bool kCentered, typename T, typename U>
 void RowBackward(const T* x, const float* mean, float std, const float* scale, int64_t run, const U* dy, T* dx,
-                 float* dscale, float* dbias, double* run_dscale, double* run_dbias, int64_t K, bool stream) {
+                 float* dscale, float* dbias, double* run_dscale, double* run_dbias, int64_t K, const double* shift,
+                 bool stream) {
   const float hi = mean[0], lo = mean[1], r = static_cast<float>(1.0 / std);
   auto xhat = [=](int64_t k) { return XhatOf<kCentered>(Load(x, k), hi, lo, r); };
   double sum_g = 0.0, sum_gx = 0.0;
@@ -318,7 +319,7 @@ void RowBackward(const T* x, const float* mean, float std, const float* scale, i
     sum_g = kCentered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
     sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * xhat(k); });
   }
-  const float a = static_cast<float>(sum_g / K), b = static_cast<float>(sum_gx / K);
+  const float a = static_cast<float>(sum_g / K - shift[0]), b = static_cast<float>(sum_gx / K - shift[1]);
   if (run == 1) {
     return PutRow(dx, K, stream,
                   [&](int64_t k) { return GradientOf<kCentered>(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); });
@@ -349,7 +350,8 @@ void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine&
 
 template <typename T, typename U>
 void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
-                  const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
+                  const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, const double* shifts,
+                  bool centered) {
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, P = d.channels() / affine.run;
   std::vector<double> partial(2 * P * chunks, 0.0);  // per chunk: dscale, then dbias, per scale entry
   const bool per_channel = affine.run == 1;
@@ -366,7 +368,7 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
       float *block_ds = nullptr, *block_db = nullptr;
       if (per_channel) block_ds = block.data() + e, block_db = block.data() + P + e;
       row(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.run, dy + i * d.k, dx + i * d.k, block_ds,
-          block_db, ds + e, ds + P + e, d.k, stream);
+          block_db, ds + e, ds + P + e, d.k, shifts + 2 * i, stream);
       if (per_channel && ((i - begin + 1) % kFloatBlock == 0 || i + 1 == end)) {
 #pragma omp simd
         for (int64_t c = 0; c < 2 * P; ++c) ds[c] += block[c];
@@ -767,7 +769,8 @@ void SumGradientChunk(const T* rows, const U* grads, int64_t count, int64_t stri
 // per scale entry; pooled in task order; then dx = (g - <g> - xhat <g xhat>) / std.
 template <typename T, typename U>
 void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
-                    const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, bool centered) {
+                    const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, const double* shifts,
+                    bool centered) {
   const int64_t C = d.channels(), count = d.s * d.k, params = affine.per_group() ? d.g : C;
   const Tasks tasks = PlaneTasks(d, pool);
   ChannelStatistics stats;
@@ -785,8 +788,10 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
         total_g += partial[t * stride + g];
         total_gx += partial[t * stride + d.g + g];
       }
-      std::fill_n(a.data() + (n * d.g + g) * d.k, d.k, centered ? static_cast<float>(total_g / count) : 0.0f);
-      std::fill_n(b.data() + (n * d.g + g) * d.k, d.k, static_cast<float>(total_gx / count));
+      const double* shift = shifts + 2 * (n * d.g + g);
+      const float ag = centered ? static_cast<float>(total_g / count - shift[0]) : 0.0f;
+      std::fill_n(a.data() + (n * d.g + g) * d.k, d.k, ag);
+      std::fill_n(b.data() + (n * d.g + g) * d.k, d.k, static_cast<float>(total_gx / count - shift[1]));
     }
   };
   // dx of one slice; unless it streams, the same rows of example `ahead` (or -1) are fetched into cache meanwhile.
@@ -992,16 +997,37 @@ void Forward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* scal
   }
 }
 
+// The cotangents of the statistics' outputs, per (n, g): mean (0 without centering) and variance.
+struct StatisticsGrads {
+  const float* mean;
+  const float* var;
+};
+
+// Their part of dx, dmean / count + 2 (x - mean) dvar / count = (std dmean / count + xhat 2 std^2 dvar / count) / std,
+// as shifts of a and b in GradientOf, per (n, g).
+std::vector<double> GradientShifts(const Dims& d, const float* std, StatisticsGrads grads, bool centered) {
+  const double count = static_cast<double>(d.s * d.k);
+  std::vector<double> shifts(2 * d.n * d.g);
+  for (int64_t i = 0; i < d.n * d.g; ++i) {
+    const double sd = std[i];
+    shifts[2 * i] = centered ? sd * grads.mean[i] / count : 0.0;
+    shifts[2 * i + 1] = 2.0 * sd * sd * grads.var[i] / count;
+  }
+  return shifts;
+}
+
 template <typename T, typename U>
 void Backward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
-              const float* scale, int64_t size, const U* dy, T* dx, float* dscale, float* dbias, bool centered) {
+              const float* scale, int64_t size, const U* dy, StatisticsGrads grads, T* dx, float* dscale, float* dbias,
+              bool centered) {
   const Parameters params(d, scale, scale, size);  // the bias plays no part in reverse mode
   const int64_t entries = d.channels() / params.affine.run;
   std::vector<double> ds(entries, 0.0), db(entries, 0.0);
+  const std::vector<double> shifts = GradientShifts(d, std, grads, centered);
   if (d.s == 1) {
-    RowsBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), centered);
+    RowsBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), shifts.data(), centered);
   } else {
-    PlanesBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), centered);
+    PlanesBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), shifts.data(), centered);
   }
   std::vector<double> fs(size, 0.0), fb(size, 0.0);
   for (int64_t e = 0; e < entries; ++e) {
@@ -1047,13 +1073,13 @@ ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 template <typename T>
 ffi::Error BackwardFor(ffi::ThreadPool& pool, const Dims& d, const ffi::AnyBuffer& x, const float* mean,
                        const float* std, const float* scale, int64_t size, const ffi::AnyBuffer& dy,
-                       ffi::AnyBuffer& dx, float* dscale, float* dbias, bool centered) {
+                       StatisticsGrads grads, ffi::AnyBuffer& dx, float* dscale, float* dbias, bool centered) {
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
   T* dxp = reinterpret_cast<T*>(dx.untyped_data());
   if (IsF32(dy)) {
-    Backward(pool, d, xp, mean, std, scale, size, dy.typed_data<float>(), dxp, dscale, dbias, centered);
+    Backward(pool, d, xp, mean, std, scale, size, dy.typed_data<float>(), grads, dxp, dscale, dbias, centered);
   } else if (IsBF16(dy)) {
-    Backward(pool, d, xp, mean, std, scale, size, reinterpret_cast<const uint16_t*>(dy.untyped_data()), dxp,
+    Backward(pool, d, xp, mean, std, scale, size, reinterpret_cast<const uint16_t*>(dy.untyped_data()), grads, dxp,
              dscale, dbias, centered);
   } else {
     return ffi::Error::InvalidArgument("jbn: dy must be float32 or bfloat16");
@@ -1062,7 +1088,8 @@ ffi::Error BackwardFor(ffi::ThreadPool& pool, const Dims& d, const ffi::AnyBuffe
 }
 
 ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
-                           ffi::Buffer<ffi::F32> std, ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, bool centered,
+                           ffi::Buffer<ffi::F32> std, ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy,
+                           ffi::Buffer<ffi::F32> dmean, ffi::Buffer<ffi::F32> dvar, bool centered,
                            int64_t n, int64_t s, int64_t g, int64_t k, ffi::Result<ffi::AnyBuffer> dx,
                            ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias) {
   const std::optional<Dims> view = DimsOf(x, n, s, g, k);
@@ -1073,13 +1100,18 @@ ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   if (!ValidEntries(d, size)) {
     return ffi::Error::InvalidArgument("jbn: scale needs one entry per run of elements dividing K");
   }
+  const auto groups = static_cast<size_t>(d.n * d.g);
+  if (dmean.element_count() != groups || dvar.element_count() != groups) {
+    return ffi::Error::InvalidArgument("jbn: dmean and dvar need one entry per (n, g)");
+  }
+  const StatisticsGrads grads{dmean.typed_data(), dvar.typed_data()};
   if (IsF32(x)) {
-    return BackwardFor<float>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy, *dx,
-                              dscale->typed_data(), dbias->typed_data(), centered);
+    return BackwardFor<float>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy, grads,
+                              *dx, dscale->typed_data(), dbias->typed_data(), centered);
   }
   if (IsBF16(x)) {
-    return BackwardFor<uint16_t>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy, *dx,
-                                 dscale->typed_data(), dbias->typed_data(), centered);
+    return BackwardFor<uint16_t>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy,
+                                 grads, *dx, dscale->typed_data(), dbias->typed_data(), centered);
   }
   return ffi::Error::InvalidArgument("jbn: x must be float32 or bfloat16");
 }
@@ -1159,6 +1191,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormBackward, BackwardHandler,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("centered")
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("s")
