@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jbn import _checks
+from jbn._frozen import frozen_view, normalize_frozen
 from jbn._normalize import feature_broadcast, normalize
 from jbn._standardize import Options, standardize
 from jbn._stats import compute_dtype
@@ -200,15 +201,20 @@ def evaluate(checked: Checked, epsilon, dtype) -> jax.Array:
     """Normalization with the running statistics (training=False).
 
     Under differentiation (fine-tuning with frozen statistics) the backward pass keeps x itself, not the float32
-    copy of a half-precision x that autodiff would keep.
+    copy of a half-precision x that autodiff would keep; on the CPU it is one pass of the backward kernel
+    (``jbn._frozen``).
     """
     c = checked
+    terms = (c.running_mean, c.running_var, c.scale, c.bias)
+    view = frozen_view(c.x, c.feature_axes, dtype, *terms)
+    if view is not None:
+        return normalize_frozen(c.x, *terms, epsilon, view)
 
     @jax.checkpoint
     def normalized(x, mean, var, scale, bias, epsilon):
         return normalize(x, mean, var, scale, bias, epsilon=epsilon, dtype=dtype)
 
-    return normalized(c.x, c.running_mean, c.running_var, c.scale, c.bias, epsilon)
+    return normalized(c.x, *terms, epsilon)
 
 
 def train(checked: Checked, scale, bias, *, averaging: Averaging, epsilon, dtype, **statistics):

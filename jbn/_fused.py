@@ -265,10 +265,12 @@ def _affine_jvp(view, primals, tangents):
     return y, dy.astype(y.dtype)
 
 
-# Batch norm's backward pass through the backward kernel: in bfloat16, from this many elements of x. Training steps
-# on a 2-core AVX-512 EPYC took 0.49-0.71x the time of XLA's backward pass on 2-4M elements (NHWC, NCHW, 4096x512)
-# and 0.73x on 512K, but 1.03x on 256K; in float32 0.94-0.98x on 2-4M elements and 1.10x on 512K, so float32 keeps
-# XLA's pass.
+# Batch norm's backward pass through the backward kernel from this many elements of x: in training, bfloat16 only;
+# in eval mode, float32 too. On a 2-core AVX-512 EPYC, against XLA's backward pass: bfloat16 training steps took
+# 0.49-0.71x the time on 2-4M elements (NHWC, NCHW, 4096x512), 0.73x on 512K, 1.03x on 256K; float32 training
+# 0.94-0.98x on 2-4M and 1.10x on 512K, so float32 training keeps XLA's pass. In eval mode (one pass instead of
+# two) bfloat16 took 0.27-0.65x on 2-4M elements and 0.54x on 512K; float32 0.81-1.01x on 2-4M, 0.87x on 512K, but
+# 1.07x on 256K.
 BATCH_BACKWARD_ELEMENTS = 1 << 19
 
 
@@ -289,9 +291,7 @@ def tangent_view(options, x, scale, mask, present) -> tuple[int, int, int, int] 
     runs = _runs(x.ndim, set(options.axes), set())
     if runs is None or runs[0] != 0 or runs[1] == 0 or not _kernel.enabled():
         return None
-    _, g_from, k_from = runs
-    sizes = ((0, g_from), (g_from, k_from), (k_from, x.ndim))
-    return (1, *(int(np.prod(x.shape[a:b], dtype=np.int64)) for a, b in sizes))
+    return _view_of(x, runs)
 
 
 def batch_tangent(x, scale, shift, offset, multiplier, present, view):
@@ -310,8 +310,45 @@ def batch_tangent(x, scale, shift, offset, multiplier, present, view):
         for name, spec in specs.items()
     ]
     entries = _entries(None if scale is None else scale.reshape(g), 1.0, (g,))
-    dy, dmean, dvar = tangent_p.bind(x, mean, std, entries, *tangents, centered=True, n=n, s=s, g=g, k=k)
+    dy, dmean, dvar = tangent_p.bind(x, mean, std, entries, *tangents, centered=True, frozen=False, n=n, s=s, g=g, k=k)
     return dy, dmean.reshape(shift.shape), dvar.reshape(shift.shape)
+
+
+def frozen_view(x, feature_axes, *terms) -> tuple[int, int, int, int] | None:
+    """``(1, s, g, k)``: x as ``(1, S, G, K)`` for the derivative of a normalization with constant per-feature
+    `terms` (batch norm in eval mode) through ``tangent``, or None where it does not apply.
+
+    It applies on the CPU to float32 and bfloat16 x of at least `BATCH_BACKWARD_ELEMENTS` with float32 terms (or
+    None), where every axis but the `feature_axes` is reduced, S leading and K trailing.
+    """
+    given = [t for t in terms if t is not None]
+    if x.size < BATCH_BACKWARD_ELEMENTS or any(t.dtype != jnp.float32 for t in given) or not _on_the_cpu(x, *given):
+        return None
+    runs = _runs(x.ndim, set(range(x.ndim)) - set(feature_axes), set())
+    if runs is None or runs[0] != 0 or runs[1] == 0 or not _kernel.enabled():
+        return None
+    return _view_of(x, runs)
+
+
+def _view_of(x, runs):
+    _, g_from, k_from = runs
+    sizes = ((0, g_from), (g_from, k_from), (k_from, x.ndim))
+    return (1, *(int(np.prod(x.shape[a:b], dtype=np.int64)) for a, b in sizes))
+
+
+def frozen_tangent(x, mean, inv, scale, dx, slope, intercept, view):
+    """``scale * inv * dx + slope * (x - mean) * inv + intercept`` in x's dtype by ``tangent`` with frozen
+    statistics (`view` from `frozen_view`; the others at x's rank, dx of x's shape): reverse mode is one pass of
+    the backward kernel."""
+    n, s, g, k = view
+    mean = jnp.stack([mean.reshape(n, g), jnp.zeros((n, g))], axis=-1).astype(jnp.float32)
+    per_feature = [jnp.broadcast_to(v, inv.shape).reshape(g).astype(jnp.float32) for v in (scale, slope, intercept)]
+    std = (1 / inv).reshape(n, g).astype(jnp.float32)
+    entries, dscale, dbias = per_feature
+    dy, _, _ = tangent_p.bind(
+        x, mean, std, entries, dx.astype(x.dtype), dscale, dbias, centered=True, frozen=True, n=n, s=s, g=g, k=k
+    )
+    return dy
 
 
 def _dims(view):
@@ -329,7 +366,7 @@ def _standardize_jvp(epsilon, centered, view, primals, tangents):
     x, scale, bias = primals
     dims = _dims(view)
     y, mean, std, var = forward_p.bind(x, scale, bias, epsilon=epsilon, centered=centered, **dims)
-    dy, dmean, dvar = tangent_p.bind(x, mean, std, scale, *tangents, centered=centered, **dims)
+    dy, dmean, dvar = tangent_p.bind(x, mean, std, scale, *tangents, centered=centered, frozen=False, **dims)
     return (y, mean[..., 0] + mean[..., 1], var), (dy, dmean, dvar)
 
 
@@ -365,24 +402,29 @@ def _reference_forward(x, scale, bias, *, epsilon, centered, n, s, g, k):
     return y.astype(x.dtype).reshape(x.shape), mean, std, var
 
 
-def _reference_tangent(x, mean, std, scale, dx, dscale, dbias, *, centered, n, s, g, k):
+def _reference_tangent(x, mean, std, scale, dx, dscale, dbias, *, centered, frozen, n, s, g, k):
     view = x.reshape(n, s, g, k)
     deviation, dx = _centered(view, mean), dx.reshape(view.shape).astype(jnp.float32)
     xhat = deviation / _group(std)
-    dmean = jnp.mean(dx, _AXES) if centered else jnp.zeros((n, g))
-    dy = _channel(view, scale) / _group(std) * (dx - _group(dmean) - xhat * jnp.mean(dx * xhat, _AXES, keepdims=True))
+    zeros = jnp.zeros((n, g))
+    dmean = jnp.mean(dx, _AXES) if centered and not frozen else zeros
+    dvar = zeros if frozen else 2 * jnp.mean(deviation * dx, _AXES)
+    slope = 0.0 if frozen else jnp.mean(dx * xhat, _AXES, keepdims=True)
+    dy = _channel(view, scale) / _group(std) * (dx - _group(dmean) - xhat * slope)
     dy = (dy + _channel(view, dscale) * xhat + _channel(view, dbias)).astype(x.dtype).reshape(x.shape)
-    return dy, dmean, 2 * jnp.mean(deviation * dx, _AXES)
+    return dy, dmean, dvar
 
 
-def _reference_backward(x, mean, std, scale, dy, dmean, dvar, *, centered, n, s, g, k):
+def _reference_backward(x, mean, std, scale, dy, dmean, dvar, *, centered, frozen, n, s, g, k):
     view = x.reshape(n, s, g, k)
     deviation, dy = _centered(view, mean), dy.reshape(view.shape).astype(jnp.float32)
     xhat = deviation / _group(std)
     grad = dy * _channel(view, scale)
-    mean_grad = jnp.mean(grad, _AXES, keepdims=True) if centered else 0.0
-    dx = (grad - mean_grad - xhat * jnp.mean(grad * xhat, _AXES, keepdims=True)) / _group(std)
-    dx = dx + (_group(dmean) * centered + 2 * deviation * _group(dvar)) / (s * k)
+    mean_grad = jnp.mean(grad, _AXES, keepdims=True) if centered and not frozen else 0.0
+    slope = 0.0 if frozen else jnp.mean(grad * xhat, _AXES, keepdims=True)
+    dx = (grad - mean_grad - xhat * slope) / _group(std)
+    if not frozen:
+        dx = dx + (_group(dmean) * centered + 2 * deviation * _group(dvar)) / (s * k)
 
     def per_entry(value):  # summed over (N, S) and over each entry's run
         return jnp.sum(value, (0, 1)).reshape(g, scale.size // g, -1).sum(-1).reshape(-1)
@@ -407,7 +449,7 @@ def _primitive(name, reference, multiple_results):
 
     def jvp(primals, tangents, **params):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
-        return jax.jvp(functools.partial(reference, **params), primals, tangents)
+        return jax.jvp(functools.partial(reference, **params), tuple(primals), tuple(tangents))
 
     def vmapped(args, dims, **params):
         out = jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args)

@@ -235,20 +235,22 @@ ON_THE_CPU = jax.default_backend() == "cpu"
 KERNEL_LAYOUTS = [((48, 40), -1), ((4, 3, 5, 16), -1), ((4, 16, 3, 5), 1)]
 
 
-def _batch_norm_loss(norm, feature_axes, ct):
+def _batch_norm_loss(norm, training, feature_axes, ct):
     """A scalar of y and the new state, linear in y by `ct` (the cotangent of y a training step passes)."""
 
     def loss(x, scale, bias, state):
-        y, new = norm(x, state, scale, bias, training=True, momentum=0.5, feature_axes=feature_axes)
+        y, new = norm(x, state, scale, bias, training=training, momentum=0.5, feature_axes=feature_axes)
         return jnp.sum(y.astype(ct.dtype) * ct) + jnp.sum(jnp.cos(new.mean)) + jnp.sum(jnp.sqrt(new.var))
 
     return loss
 
 
 def _plain_batch_norm(x, state, scale, bias, *, training, momentum, feature_axes):
-    del training
     axes = tuple(axis for axis in range(x.ndim) if axis != feature_axes % x.ndim)
     kept = [1 if axis in axes else size for axis, size in enumerate(x.shape)]
+    if not training:
+        xhat = (x - state.mean.reshape(kept)) / jnp.sqrt(state.var.reshape(kept) + 1e-5)
+        return xhat * scale.reshape(kept) + bias.reshape(kept), state
     xhat, mean, var = _plain_standardize(x, axes, None, 1e-5)
     y = xhat * scale.reshape(kept) + bias.reshape(kept)
     new = [
@@ -257,68 +259,73 @@ def _plain_batch_norm(x, state, scale, bias, *, training, momentum, feature_axes
     return y, jbn.BatchNormState(*new)
 
 
+KERNEL_CASES = [(True, jnp.bfloat16), (False, jnp.bfloat16), (False, jnp.float32)]
+
+
 @pytest.mark.skipif(not ON_THE_CPU, reason="the kernels run on the CPU only")
+@pytest.mark.parametrize(("training", "dtype"), KERNEL_CASES)
 @pytest.mark.parametrize(("shape", "feature_axes"), KERNEL_LAYOUTS)
-def test_bfloat16_batch_norm_gradients_through_the_backward_kernel_equal_the_float64_formula(
-    monkeypatch, shape, feature_axes
+def test_batch_norm_gradients_through_the_backward_kernel_equal_the_float64_formula(
+    monkeypatch, shape, feature_axes, training, dtype
 ):
-    """Large bfloat16 batch norm takes its backward pass from the kernel; here at small sizes, with the running
-    statistics' cotangents (which the kernel adds to dx) and data far from zero."""
+    """Large batch norm takes its backward pass from the kernel (training: bfloat16; eval mode: also float32); here
+    at small sizes, with the running statistics' cotangents and data far from zero."""
     from jbn import _fused, _kernel
 
     if not _kernel.enabled():
         pytest.skip("no C++ compiler")
     monkeypatch.setattr(_fused, "BATCH_BACKWARD_ELEMENTS", 0)
     channels = shape[feature_axes]
-    x = data(shape, jnp.bfloat16, offset=100.0, spread=3.0)
+    x = data(shape, dtype, offset=100.0, spread=3.0)
     scale, bias = jnp.linspace(0.5, 1.5, channels), jnp.linspace(-1.0, 1.0, channels)
-    state = jbn.BatchNormState(jnp.linspace(-1.0, 1.0, channels), jnp.linspace(0.5, 2.0, channels))
-    ct = data(shape, jnp.bfloat16, seed=3).astype(jnp.float32)  # y's cotangent is rounded to y's dtype
-    grad = jax.jit(jax.grad(_batch_norm_loss(jbn.batch_norm, feature_axes, ct), argnums=(0, 1, 2, 3)))
+    state = jbn.BatchNormState(jnp.linspace(99.0, 101.0, channels), jnp.linspace(5.0, 12.0, channels))
+    ct = data(shape, dtype, seed=3).astype(jnp.float32)  # y's cotangent is rounded to y's dtype
+    grad = jax.jit(jax.grad(_batch_norm_loss(jbn.batch_norm, training, feature_axes, ct), argnums=(0, 1, 2, 3)))
     assert "jbn_norm_backward" in grad.lower(x, scale, bias, state).compile().as_text()
     got = grad(x, scale, bias, state)
-    assert got[0].dtype == jnp.bfloat16
+    assert got[0].dtype == dtype
     with jax.enable_x64(True):
         args = jax.tree.map(f64, (x, scale, bias, state))
-        loss = _batch_norm_loss(_plain_batch_norm, feature_axes, jnp.asarray(f64(ct)))
+        loss = _batch_norm_loss(_plain_batch_norm, training, feature_axes, jnp.asarray(f64(ct)))
         expected = jax.grad(loss, argnums=(0, 1, 2, 3))(*args)
-    np.testing.assert_allclose(f64(got[0]), expected[0], rtol=2**-8, atol=2**-8 * np.abs(expected[0]).max())
+    ulp = 2**-8 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(f64(got[0]), expected[0], rtol=ulp, atol=ulp * np.abs(expected[0]).max())
     _assert_trees_close(jax.tree.map(f64, got[1:]), expected[1:], rtol=1e-4, atol=1e-4)
-    # Forward mode takes the tangent's twin; the backward pass keeps x and per-feature values only.
-    tangents = (data(shape, jnp.bfloat16, seed=4), jnp.ones(channels), jnp.ones(channels))
-    dy = jax.jvp(
-        lambda *a: jbn.batch_norm(a[0], state, *a[1:], training=True, feature_axes=feature_axes)[0],
-        (x, scale, bias),
-        tangents,
-    )[1]
+    # Forward mode takes the tangent's twin.
+    tangents = (data(shape, dtype, seed=4), jnp.ones(channels), jnp.ones(channels), state)
+
+    def tangent(norm, args, tangents):
+        def y(x, scale, bias, state):
+            return norm(x, state, scale, bias, training=training, momentum=0.5, feature_axes=feature_axes)[0]
+
+        return jax.jvp(y, args, tangents)[1]
+
+    dy = tangent(jbn.batch_norm, (x, scale, bias, state), tangents)
     with jax.enable_x64(True):
-        expected_dy = jax.jvp(
-            lambda *a: _plain_batch_norm(a[0], args[3], *a[1:], training=True, momentum=0.5, feature_axes=feature_axes)[
-                0
-            ],
-            args[:3],
-            jax.tree.map(f64, tangents),
-        )[1]
-    np.testing.assert_allclose(f64(dy), expected_dy, rtol=2**-7, atol=2**-7 * np.abs(expected_dy).max())
-    saved = _saved_bytes(
-        lambda *a: jbn.batch_norm(*a, training=True, feature_axes=feature_axes)[0], x, state, scale, bias
-    )
-    assert saved <= x.nbytes + 8 * channels * 4, (saved, x.nbytes)
+        expected_dy = tangent(_plain_batch_norm, args, jax.tree.map(f64, tangents))
+    np.testing.assert_allclose(f64(dy), expected_dy, rtol=2 * ulp, atol=2 * ulp * np.abs(expected_dy).max())
+    # The backward pass keeps x and per-feature values only.
+    y = functools.partial(jbn.batch_norm, training=training, feature_axes=feature_axes)
+    saved = _saved_bytes(lambda *a: y(*a)[0], x, state, scale, bias)
+    assert saved <= x.nbytes + 16 * channels * 4, (saved, x.nbytes)  # no second array of x's size
 
 
 @pytest.mark.skipif(not ON_THE_CPU, reason="the kernels run on the CPU only")
-def test_the_backward_kernel_takes_batch_norm_in_bfloat16_from_512k_elements():
+def test_the_backward_kernel_takes_batch_norm_from_512k_elements_in_bfloat16_and_in_eval_mode():
     from jbn import _kernel
 
     if not _kernel.enabled():
         pytest.skip("no C++ compiler")
     state = jbn.batch_norm_state(512)
 
-    def uses_the_kernel(shape, dtype):
+    def uses_the_kernel(shape, dtype, training=True):
         x = jax.ShapeDtypeStruct(shape, dtype)
-        grad = jax.jit(jax.grad(lambda x: jnp.sum(jbn.batch_norm(x, state, training=True)[0].astype(jnp.float32))))
+        y = functools.partial(jbn.batch_norm, state=state, training=training)
+        grad = jax.jit(jax.grad(lambda x: jnp.sum(y(x)[0].astype(jnp.float32))))
         return "jbn_norm_backward" in grad.lower(x).compile().as_text()
 
     assert uses_the_kernel((1024, 512), jnp.bfloat16)
     assert not uses_the_kernel((1023, 512), jnp.bfloat16)  # XLA's pass was as fast below
-    assert not uses_the_kernel((1024, 512), jnp.float32)  # and in float32
+    assert not uses_the_kernel((1024, 512), jnp.float32)  # and in float32 training
+    assert uses_the_kernel((1024, 512), jnp.float32, training=False)  # but not in eval mode (one pass, not two)
+    assert not uses_the_kernel((1023, 512), jnp.float32, training=False)

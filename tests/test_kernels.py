@@ -188,11 +188,11 @@ def test_gradients_on_offset_data_match_the_float64_closed_form(groups):
         assert np.abs(f64(got) - want).max() < 2e-6 * np.abs(want).max()
 
 
-def _xla_and_fused(fn, *args, monkeypatch):
+def _xla_and_fused(fn, *args, monkeypatch, jit=True):
     monkeypatch.setenv("JBN_KERNELS", "0")
-    plain = jax.jit(fn)(*args)
+    plain = (jax.jit(fn) if jit else fn)(*args)
     monkeypatch.setenv("JBN_KERNELS", "1")
-    return jax.jit(fn)(*args), plain
+    return (jax.jit(fn) if jit else fn)(*args), plain
 
 
 def _assert_close(got, want, rtol=2e-5, atol=2e-5):
@@ -210,16 +210,22 @@ def test_forward_mode_second_order_and_vmap_equal_the_xla_path(name, fn, shape, 
     def loss(x, scale):
         return jnp.vdot(_apply(fn, x, scale, bias, kwargs), cotangent)
 
+    def curved(x, scale):  # y enters nonlinearly: the outer pass differentiates the forward kernel's y too
+        return jnp.vdot(jnp.sin(_apply(fn, x, scale, bias, kwargs)), cotangent)
+
     cases = {
         "jvp": lambda x, s: jax.jvp(lambda x, s: _apply(fn, x, s, bias, kwargs), (x, s), (direction, s * 0.5)),
         "hessian-vector": lambda x, s: jax.jvp(jax.grad(loss), (x, s), (direction, s))[1],
-        "reverse over reverse": lambda x, s: jax.grad(lambda x, s: jnp.sum(jnp.square(jax.grad(loss)(x, s))))(x, s),
+        "reverse over reverse": lambda x, s: jax.grad(lambda x, s: jnp.sum(jnp.square(jax.grad(curved)(x, s))))(x, s),
+        "reverse over reverse, eagerly": lambda x, s: jax.grad(lambda x: jnp.sum(jax.grad(curved)(x, s)))(x),
         "vmap over x": lambda x, s: jax.vmap(lambda x: _apply(fn, x, s, bias, kwargs), 1, 1)(x[:, None]),
         "vmap over scale": lambda x, s: jax.vmap(lambda s: _apply(fn, x, s, bias, kwargs))(jnp.stack([s, 2 * s])),
         "per-example gradients": lambda x, s: jax.vmap(jax.grad(loss), (0, None))(x[None].repeat(2, 0), s),
     }
+    if name not in ("layer", "instance, 24 channels"):  # eagerly is slow: rows and planes once each
+        del cases["reverse over reverse, eagerly"]
     for case, f in cases.items():
-        fused, plain = _xla_and_fused(f, x, scale, monkeypatch=monkeypatch)
+        fused, plain = _xla_and_fused(f, x, scale, monkeypatch=monkeypatch, jit="eagerly" not in case)
         _assert_close(fused, plain, rtol=1e-4, atol=1e-4 if "second" in case or "reverse" in case else 2e-5)
     if ON_THE_CPU:  # vmap over x alone folds the mapped axis into N: still one kernel call.
         (eqn,) = _forward_eqns(jax.vmap(lambda x: _apply(fn, x, scale, bias, kwargs)), x[None].repeat(3, 0))
@@ -238,6 +244,8 @@ def test_results_do_not_depend_on_thread_timing():
 @pytest.mark.parametrize(("name", "fn", "shape", "kwargs", "view"), CASES, ids=IDS)
 def test_the_plain_jax_twins_equal_the_kernels(name, fn, shape, kwargs, view):
     """The twins define the primitives on other platforms and under transformations the kernels do not take."""
+    if not _kernel.enabled():  # registers the kernels (when this test runs first)
+        pytest.skip("no C++ compiler")
     x = data(view, offset=5.0)
     channels = view[2] * view[3]
     scale, bias = jnp.linspace(0.5, 1.5, channels), jnp.linspace(-1.0, 1.0, channels)
@@ -251,9 +259,11 @@ def test_the_plain_jax_twins_equal_the_kernels(name, fn, shape, kwargs, view):
     # The statistics' cotangents too (batch norm's running statistics are outputs).
     dmean, dvar = (jax.random.normal(jax.random.key(seed), std.shape) for seed in (3, 4))
     grads = (x, mean, std, scale, dy, dmean, dvar)
-    backward = jax.jit(lambda *a: _fused.backward_p.bind(*a, centered=centered, **dims))(*grads)
-    expected = _fused._reference_backward(*grads, centered=centered, **dims)
-    _assert_close(backward, expected, atol=1e-4)
+    for frozen in (False, True):  # frozen: constant statistics (batch norm in eval mode)
+        bind = functools.partial(_fused.backward_p.bind, centered=centered, frozen=frozen, **dims)
+        backward = jax.jit(bind)(*grads)
+        expected = _fused._reference_backward(*grads, centered=centered, frozen=frozen, **dims)
+        _assert_close(backward, expected, atol=1e-4)
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):

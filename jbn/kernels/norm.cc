@@ -295,7 +295,7 @@ void RowForward(const T* x, const float* scale, const float* bias, int64_t run, 
 template <bool kCentered, typename T, typename U>
 void RowBackward(const T* x, const float* mean, float std, const float* scale, int64_t run, const U* dy, T* dx,
                  float* dscale, float* dbias, double* run_dscale, double* run_dbias, int64_t K, const double* shift,
-                 bool stream) {
+                 bool frozen, bool stream) {
   const float hi = mean[0], lo = mean[1], r = static_cast<float>(1.0 / std);
   auto xhat = [=](int64_t k) { return XhatOf<kCentered>(Load(x, k), hi, lo, r); };
   double sum_g = 0.0, sum_gx = 0.0;
@@ -319,7 +319,8 @@ void RowBackward(const T* x, const float* mean, float std, const float* scale, i
     sum_g = kCentered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
     sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * xhat(k); });
   }
-  const float a = static_cast<float>(sum_g / K - shift[0]), b = static_cast<float>(sum_gx / K - shift[1]);
+  const float a = frozen ? 0.0f : static_cast<float>(sum_g / K - shift[0]);
+  const float b = frozen ? 0.0f : static_cast<float>(sum_gx / K - shift[1]);
   if (run == 1) {
     return PutRow(dx, K, stream,
                   [&](int64_t k) { return GradientOf<kCentered>(Load(x, k), Load(dy, k), hi, lo, r, scale[k], a, b); });
@@ -351,7 +352,7 @@ void RowsForward(ffi::ThreadPool& pool, const Dims& d, const T* x, const Affine&
 template <typename T, typename U>
 void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
                   const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, const double* shifts,
-                  bool centered) {
+                  bool centered, bool frozen) {
   const int64_t chunks = ChunkCount(d, pool), rows = d.n * d.g, P = d.channels() / affine.run;
   std::vector<double> partial(2 * P * chunks, 0.0);  // per chunk: dscale, then dbias, per scale entry
   const bool per_channel = affine.run == 1;
@@ -368,7 +369,7 @@ void RowsBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float*
       float *block_ds = nullptr, *block_db = nullptr;
       if (per_channel) block_ds = block.data() + e, block_db = block.data() + P + e;
       row(x + i * d.k, mean + 2 * i, std[i], affine.scale + e, affine.run, dy + i * d.k, dx + i * d.k, block_ds,
-          block_db, ds + e, ds + P + e, d.k, shifts + 2 * i, stream);
+          block_db, ds + e, ds + P + e, d.k, shifts + 2 * i, frozen, stream);
       if (per_channel && ((i - begin + 1) % kFloatBlock == 0 || i + 1 == end)) {
 #pragma omp simd
         for (int64_t c = 0; c < 2 * P; ++c) ds[c] += block[c];
@@ -770,7 +771,7 @@ void SumGradientChunk(const T* rows, const U* grads, int64_t count, int64_t stri
 template <typename T, typename U>
 void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
                     const Affine& affine, const U* dy, T* dx, double* dscale, double* dbias, const double* shifts,
-                    bool centered) {
+                    bool centered, bool frozen) {
   const int64_t C = d.channels(), count = d.s * d.k, params = affine.per_group() ? d.g : C;
   const Tasks tasks = PlaneTasks(d, pool);
   ChannelStatistics stats;
@@ -779,7 +780,7 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
   // Per task: [sum g, sum g xhat] per group, then [sum dy xhat, sum dy] per scale entry.
   const int64_t stride = 2 * d.g + 2 * params;
   std::vector<double> partial(tasks.count * stride, 0.0);
-  std::vector<float> a(d.n * C), b(d.n * C);
+  std::vector<float> a(d.n * C), b(d.n * C);  // 0 where frozen
   // Per channel of example n: <g> and <g xhat> of its group, from its slices' sums in order.
   auto coefficients = [&](int64_t n) {
     for (int64_t g = 0; g < d.g; ++g) {
@@ -838,7 +839,8 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
     }
     if (stream) StreamFence();
   };
-  // One task per example: dx right after the example's sums, while it is in cache.
+  // One task per example: dx right after the example's sums, while it is in cache. Frozen statistics need no
+  // sums for dx, so every slice's dx follows its own sums.
   const bool whole = tasks.per_example == 1;
   Parallel::For(pool, tasks.count, [&](int64_t t, int64_t next) {
     const Slice slice = SliceOf(d, tasks, t);
@@ -880,13 +882,11 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
         sum_gx[g] += affine.scale[p] * sum_dyx[p];
       }
     }
-    if (whole) {
-      coefficients(slice.n);
-      slice_dx(slice, next);
-    }
+    if (whole && !frozen) coefficients(slice.n);
+    if (whole || frozen) slice_dx(slice, whole ? next : -1);
   });
   Totals(d, tasks, partial, stride, params, dscale, dbias);
-  if (whole) return;
+  if (whole || frozen) return;
   for (int64_t n = 0; n < d.n; ++n) coefficients(n);
   Parallel::For(pool, tasks.count, [&](int64_t t, int64_t) { slice_dx(SliceOf(d, tasks, t), -1); });
 }
@@ -1016,18 +1016,21 @@ std::vector<double> GradientShifts(const Dims& d, const float* std, StatisticsGr
   return shifts;
 }
 
+// dx, dscale and dbias from dy and the statistics' cotangents. Frozen: the statistics are constants (batch norm in
+// eval mode), so dx = scale dy / std, without the sums' terms, and the statistics have no cotangents.
 template <typename T, typename U>
 void Backward(ffi::ThreadPool& pool, const Dims& d, const T* x, const float* mean, const float* std,
               const float* scale, int64_t size, const U* dy, StatisticsGrads grads, T* dx, float* dscale, float* dbias,
-              bool centered) {
+              bool centered, bool frozen) {
   const Parameters params(d, scale, scale, size);  // the bias plays no part in reverse mode
   const int64_t entries = d.channels() / params.affine.run;
   std::vector<double> ds(entries, 0.0), db(entries, 0.0);
   const std::vector<double> shifts = GradientShifts(d, std, grads, centered);
   if (d.s == 1) {
-    RowsBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), shifts.data(), centered);
+    RowsBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), shifts.data(), centered, frozen);
   } else {
-    PlanesBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), shifts.data(), centered);
+    PlanesBackward(pool, d, x, mean, std, params.affine, dy, dx, ds.data(), db.data(), shifts.data(), centered,
+                   frozen);
   }
   std::vector<double> fs(size, 0.0), fb(size, 0.0);
   for (int64_t e = 0; e < entries; ++e) {
@@ -1073,14 +1076,15 @@ ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 template <typename T>
 ffi::Error BackwardFor(ffi::ThreadPool& pool, const Dims& d, const ffi::AnyBuffer& x, const float* mean,
                        const float* std, const float* scale, int64_t size, const ffi::AnyBuffer& dy,
-                       StatisticsGrads grads, ffi::AnyBuffer& dx, float* dscale, float* dbias, bool centered) {
+                       StatisticsGrads grads, ffi::AnyBuffer& dx, float* dscale, float* dbias, bool centered,
+                       bool frozen) {
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
   T* dxp = reinterpret_cast<T*>(dx.untyped_data());
   if (IsF32(dy)) {
-    Backward(pool, d, xp, mean, std, scale, size, dy.typed_data<float>(), grads, dxp, dscale, dbias, centered);
+    Backward(pool, d, xp, mean, std, scale, size, dy.typed_data<float>(), grads, dxp, dscale, dbias, centered, frozen);
   } else if (IsBF16(dy)) {
     Backward(pool, d, xp, mean, std, scale, size, reinterpret_cast<const uint16_t*>(dy.untyped_data()), grads, dxp,
-             dscale, dbias, centered);
+             dscale, dbias, centered, frozen);
   } else {
     return ffi::Error::InvalidArgument("jbn: dy must be float32 or bfloat16");
   }
@@ -1089,7 +1093,7 @@ ffi::Error BackwardFor(ffi::ThreadPool& pool, const Dims& d, const ffi::AnyBuffe
 
 ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
                            ffi::Buffer<ffi::F32> std, ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy,
-                           ffi::Buffer<ffi::F32> dmean, ffi::Buffer<ffi::F32> dvar, bool centered,
+                           ffi::Buffer<ffi::F32> dmean, ffi::Buffer<ffi::F32> dvar, bool centered, bool frozen,
                            int64_t n, int64_t s, int64_t g, int64_t k, ffi::Result<ffi::AnyBuffer> dx,
                            ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias) {
   const std::optional<Dims> view = DimsOf(x, n, s, g, k);
@@ -1107,11 +1111,11 @@ ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   const StatisticsGrads grads{dmean.typed_data(), dvar.typed_data()};
   if (IsF32(x)) {
     return BackwardFor<float>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy, grads,
-                              *dx, dscale->typed_data(), dbias->typed_data(), centered);
+                              *dx, dscale->typed_data(), dbias->typed_data(), centered, frozen);
   }
   if (IsBF16(x)) {
     return BackwardFor<uint16_t>(pool, d, x, mean.typed_data(), std.typed_data(), scale.typed_data(), size, dy,
-                                 grads, *dx, dscale->typed_data(), dbias->typed_data(), centered);
+                                 grads, *dx, dscale->typed_data(), dbias->typed_data(), centered, frozen);
   }
   return ffi::Error::InvalidArgument("jbn: x must be float32 or bfloat16");
 }
@@ -1194,6 +1198,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnNormBackward, BackwardHandler,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("centered")
+                                  .Attr<bool>("frozen")
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("s")
                                   .Attr<int64_t>("g")
