@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from jbn import _checks
-from jbn._frozen import frozen_view, normalize_frozen
+from jbn._frozen import normalize_frozen
+from jbn._fused import frozen_view
 from jbn._normalize import feature_broadcast, normalize
 from jbn._standardize import Options, standardize
 from jbn._stats import compute_dtype

@@ -19,15 +19,9 @@ from jbn import _fused
 from jbn._normalize import normalize, standardizing_multiplier
 
 
-def frozen_view(x, feature_axes, dtype, *terms) -> tuple[int, int, int, int] | None:
-    """``(1, s, g, k)`` for `normalize_frozen` (see `jbn._fused.frozen_view`), or None where it does not apply."""
-    if dtype not in (None, x.dtype):
-        return None
-    return _fused.frozen_view(x, feature_axes, *terms)
-
-
 def normalize_frozen(x, mean, var, scale, bias, epsilon, view) -> jax.Array:
-    """``normalize(x, mean, var, scale, bias)`` in x's dtype, the terms at x's rank (`view` from `frozen_view`)."""
+    """``normalize(x, mean, var, scale, bias)`` in x's dtype, the terms at x's rank (`view` from
+    `jbn._fused.frozen_view`)."""
     return _frozen(x, mean, var, scale, bias, epsilon, view)
 
 

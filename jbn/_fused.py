@@ -314,15 +314,18 @@ def batch_tangent(x, scale, shift, offset, multiplier, present, view):
     return dy, dmean.reshape(shift.shape), dvar.reshape(shift.shape)
 
 
-def frozen_view(x, feature_axes, *terms) -> tuple[int, int, int, int] | None:
+def frozen_view(x, feature_axes, dtype, *terms) -> tuple[int, int, int, int] | None:
     """``(1, s, g, k)``: x as ``(1, S, G, K)`` for the derivative of a normalization with constant per-feature
-    `terms` (batch norm in eval mode) through ``tangent``, or None where it does not apply.
+    `terms` (batch norm in eval mode) through ``tangent`` (`jbn._frozen`), or None where it does not apply.
 
-    It applies on the CPU to float32 and bfloat16 x of at least `BATCH_BACKWARD_ELEMENTS` with float32 terms (or
-    None), where every axis but the `feature_axes` is reduced, S leading and K trailing.
+    It applies on the CPU to float32 and bfloat16 x of at least `BATCH_BACKWARD_ELEMENTS` with y of x's dtype
+    (`dtype` None or x's) and float32 terms (or None), where every axis but the `feature_axes` is reduced, S
+    leading and K trailing.
     """
     given = [t for t in terms if t is not None]
-    if x.size < BATCH_BACKWARD_ELEMENTS or any(t.dtype != jnp.float32 for t in given) or not _on_the_cpu(x, *given):
+    if x.size < BATCH_BACKWARD_ELEMENTS or dtype not in (None, x.dtype) or any(t.dtype != jnp.float32 for t in given):
+        return None
+    if not _on_the_cpu(x, *given):
         return None
     runs = _runs(x.ndim, set(range(x.ndim)) - set(feature_axes), set())
     if runs is None or runs[0] != 0 or runs[1] == 0 or not _kernel.enabled():

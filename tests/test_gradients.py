@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jbn
+from jbn import _fused, _kernel
 from tests import reference
 from tests.helpers import cpu_mesh, data, f64
 
@@ -270,8 +271,6 @@ def test_batch_norm_gradients_through_the_backward_kernel_equal_the_float64_form
 ):
     """Large batch norm takes its backward pass from the kernel (training: bfloat16; eval mode: also float32); here
     at small sizes, with the running statistics' cotangents and data far from zero."""
-    from jbn import _fused, _kernel
-
     if not _kernel.enabled():
         pytest.skip("no C++ compiler")
     monkeypatch.setattr(_fused, "BATCH_BACKWARD_ELEMENTS", 0)
@@ -312,8 +311,6 @@ def test_batch_norm_gradients_through_the_backward_kernel_equal_the_float64_form
 
 @pytest.mark.skipif(not ON_THE_CPU, reason="the kernels run on the CPU only")
 def test_the_backward_kernel_takes_batch_norm_from_512k_elements_in_bfloat16_and_in_eval_mode():
-    from jbn import _kernel
-
     if not _kernel.enabled():
         pytest.skip("no C++ compiler")
     state = jbn.batch_norm_state(512)
