@@ -272,13 +272,15 @@ def _affine_jvp(view, primals, tangents):
 # two) bfloat16 took 0.27-0.65x on 2-4M elements and 0.54x on 512K; float32 0.81-1.01x on 2-4M, 0.87x on 512K, but
 # 1.07x on 256K.
 BATCH_BACKWARD_ELEMENTS = 1 << 19
+TRAINING_BACKWARD_DTYPES = (jnp.dtype(jnp.bfloat16),)
 
 
 def tangent_view(options, x, scale, mask, present) -> tuple[int, int, int, int] | None:
     """``(1, s, g, k)``: x as ``(1, S, G, K)`` for batch norm's derivative through ``tangent`` (whose transpose is
     the backward kernel), or None where it does not apply.
 
-    It applies on the CPU to bfloat16 x of at least `BATCH_BACKWARD_ELEMENTS` with y of x's dtype, statistics
+    It applies on the CPU to x of a dtype in `TRAINING_BACKWARD_DTYPES` (bfloat16) and at least
+    `BATCH_BACKWARD_ELEMENTS` elements with y of x's dtype, statistics
     across examples (S leading, K trailing, G kept), centered, without a mask or a cross-device axis, for tangents
     of x, scale, bias and the fallback statistics (unused: without a mask every feature has data), not epsilon.
     """
@@ -286,7 +288,7 @@ def tangent_view(options, x, scale, mask, present) -> tuple[int, int, int, int] 
         return None
     if not options.centered or set(present) - {"x", "scale", "bias", "fallback"}:
         return None
-    if x.dtype != jnp.bfloat16 or x.size < BATCH_BACKWARD_ELEMENTS or not _on_the_cpu(x, scale):
+    if x.dtype not in TRAINING_BACKWARD_DTYPES or x.size < BATCH_BACKWARD_ELEMENTS or not _on_the_cpu(x, scale):
         return None
     runs = _runs(x.ndim, set(options.axes), set())
     if runs is None or runs[0] != 0 or runs[1] == 0 or not _kernel.enabled():

@@ -260,7 +260,13 @@ def _plain_batch_norm(x, state, scale, bias, *, training, momentum, feature_axes
     return y, jbn.BatchNormState(*new)
 
 
-KERNEL_CASES = [(True, jnp.bfloat16), (False, jnp.bfloat16), (False, jnp.float32)]
+# Float32 training keeps XLA's backward pass by default; here it takes the kernel too, for float32's precision.
+KERNEL_CASES = [(True, jnp.bfloat16), (True, jnp.float32), (False, jnp.bfloat16), (False, jnp.float32)]
+
+
+def _all_through_the_kernel(monkeypatch):
+    monkeypatch.setattr(_fused, "BATCH_BACKWARD_ELEMENTS", 0)
+    monkeypatch.setattr(_fused, "TRAINING_BACKWARD_DTYPES", _fused._DTYPES)
 
 
 @pytest.mark.skipif(not ON_THE_CPU, reason="the kernels run on the CPU only")
@@ -270,10 +276,10 @@ def test_batch_norm_gradients_through_the_backward_kernel_equal_the_float64_form
     monkeypatch, shape, feature_axes, training, dtype
 ):
     """Large batch norm takes its backward pass from the kernel (training: bfloat16; eval mode: also float32); here
-    at small sizes, with the running statistics' cotangents and data far from zero."""
+    every size and dtype does, with the running statistics' cotangents and data far from zero."""
     if not _kernel.enabled():
         pytest.skip("no C++ compiler")
-    monkeypatch.setattr(_fused, "BATCH_BACKWARD_ELEMENTS", 0)
+    _all_through_the_kernel(monkeypatch)
     channels = shape[feature_axes]
     x = data(shape, dtype, offset=100.0, spread=3.0)
     scale, bias = jnp.linspace(0.5, 1.5, channels), jnp.linspace(-1.0, 1.0, channels)
@@ -326,3 +332,35 @@ def test_the_backward_kernel_takes_batch_norm_from_512k_elements_in_bfloat16_and
     assert not uses_the_kernel((1024, 512), jnp.float32)  # and in float32 training
     assert uses_the_kernel((1024, 512), jnp.float32, training=False)  # but not in eval mode (one pass, not two)
     assert not uses_the_kernel((1023, 512), jnp.float32, training=False)
+
+
+@pytest.mark.skipif(not ON_THE_CPU, reason="the kernels run on the CPU only")
+@pytest.mark.parametrize("training", [True, False])
+def test_second_order_derivatives_through_the_backward_kernel_equal_the_xla_path(monkeypatch, training):
+    """Hessian-vector products (forward over reverse) and reverse over reverse of batch norm, float32, NHWC."""
+    if not _kernel.enabled():
+        pytest.skip("no C++ compiler")
+    shape, channels = (3, 4, 5, 8), 8
+    x, ct = data(shape, offset=3.0), data(shape, seed=3)
+    direction = data(shape, seed=4)
+    state = jbn.BatchNormState(jnp.linspace(2.0, 4.0, channels), jnp.linspace(0.5, 2.0, channels))
+    scale = jnp.linspace(0.5, 1.5, channels)
+
+    def loss(x, scale):
+        y, new = jbn.batch_norm(x, state, scale, training=training, momentum=0.5)
+        return jnp.vdot(jnp.sin(y), ct) + jnp.sum(jnp.sqrt(new.var))
+
+    def second_order():
+        jax.clear_caches()
+        hvp = jax.jvp(jax.grad(loss), (x, scale), (direction, scale))[1]
+        rr = jax.grad(lambda x, s: jnp.sum(jnp.square(jax.grad(loss)(x, s))), argnums=(0, 1))(x, scale)
+        text = jax.jit(jax.grad(loss)).lower(x, scale).compile().as_text()
+        return hvp, rr, "jbn_norm_backward" in text
+
+    *plain, kernel_used = second_order()
+    assert not kernel_used
+    _all_through_the_kernel(monkeypatch)
+    *fused, kernel_used = second_order()
+    assert kernel_used
+    jax.clear_caches()
+    _assert_trees_close(fused, plain, rtol=1e-4, atol=1e-4)
