@@ -265,13 +265,15 @@ def _affine_jvp(view, primals, tangents):
     return y, dy.astype(y.dtype)
 
 
-# Batch norm's backward pass through the backward kernel from this many elements of x: in training, bfloat16 only;
-# in eval mode, float32 too. On a 2-core AVX-512 EPYC, against XLA's backward pass: bfloat16 training steps took
-# 0.49-0.71x the time on 2-4M elements (NHWC, NCHW, 4096x512), 0.73x on 512K, 1.03x on 256K; float32 training
-# 0.94-0.98x on 2-4M and 1.10x on 512K, so float32 training keeps XLA's pass. In eval mode (one pass instead of
-# two) bfloat16 took 0.27-0.65x on 2-4M elements and 0.54x on 512K; float32 0.81-1.01x on 2-4M, 0.87x on 512K, but
-# 1.07x on 256K.
+# Batch norm's backward pass through the backward kernel from this many elements of x in training (bfloat16 only:
+# TRAINING_BACKWARD_DTYPES) and in eval mode (FROZEN_BACKWARD_ELEMENTS, float32 and bfloat16). On a 2-core AVX-512
+# EPYC, against XLA's backward pass: bfloat16 training steps took 0.49-0.71x the time on 2-4M elements (NHWC, NCHW,
+# 4096x512), 0.73x on 512K, 1.03x on 256K; float32 training 0.94-0.98x on 2-4M and 1.10x on 512K, so float32
+# training keeps XLA's pass. Eval mode (one pass channels last, where XLA makes two) took 0.39-0.72x the time in
+# bfloat16 and 0.62-0.86x in float32 on 256K-4M elements channels last, 0.27-0.50x and 0.83-1.01x channels first;
+# on 64K float32 took 1.01-1.12x, and on 16K both 1.3-1.5x, where the hand-off to the thread pool weighs.
 BATCH_BACKWARD_ELEMENTS = 1 << 19
+FROZEN_BACKWARD_ELEMENTS = 1 << 18
 TRAINING_BACKWARD_DTYPES = (jnp.dtype(jnp.bfloat16),)
 
 
@@ -320,12 +322,12 @@ def frozen_view(x, feature_axes, dtype, *terms) -> tuple[int, int, int, int] | N
     """``(1, s, g, k)``: x as ``(1, S, G, K)`` for the derivative of a normalization with constant per-feature
     `terms` (batch norm in eval mode) through ``tangent`` (`jbn._frozen`), or None where it does not apply.
 
-    It applies on the CPU to float32 and bfloat16 x of at least `BATCH_BACKWARD_ELEMENTS` with y of x's dtype
+    It applies on the CPU to float32 and bfloat16 x of at least `FROZEN_BACKWARD_ELEMENTS` with y of x's dtype
     (`dtype` None or x's) and float32 terms (or None), where every axis but the `feature_axes` is reduced, S
     leading and K trailing.
     """
     given = [t for t in terms if t is not None]
-    if x.size < BATCH_BACKWARD_ELEMENTS or dtype not in (None, x.dtype) or any(t.dtype != jnp.float32 for t in given):
+    if x.size < FROZEN_BACKWARD_ELEMENTS or dtype not in (None, x.dtype) or any(t.dtype != jnp.float32 for t in given):
         return None
     if not _on_the_cpu(x, *given):
         return None

@@ -266,6 +266,7 @@ KERNEL_CASES = [(True, jnp.bfloat16), (True, jnp.float32), (False, jnp.bfloat16)
 
 def _all_through_the_kernel(monkeypatch):
     monkeypatch.setattr(_fused, "BATCH_BACKWARD_ELEMENTS", 0)
+    monkeypatch.setattr(_fused, "FROZEN_BACKWARD_ELEMENTS", 0)
     monkeypatch.setattr(_fused, "TRAINING_BACKWARD_DTYPES", _fused._DTYPES)
 
 
@@ -316,7 +317,7 @@ def test_batch_norm_gradients_through_the_backward_kernel_equal_the_float64_form
 
 
 @pytest.mark.skipif(not ON_THE_CPU, reason="the kernels run on the CPU only")
-def test_the_backward_kernel_takes_batch_norm_from_512k_elements_in_bfloat16_and_in_eval_mode():
+def test_the_backward_kernel_takes_batch_norm_from_512k_elements_in_bfloat16_and_256k_in_eval_mode():
     if not _kernel.enabled():
         pytest.skip("no C++ compiler")
     state = jbn.batch_norm_state(512)
@@ -330,8 +331,8 @@ def test_the_backward_kernel_takes_batch_norm_from_512k_elements_in_bfloat16_and
     assert uses_the_kernel((1024, 512), jnp.bfloat16)
     assert not uses_the_kernel((1023, 512), jnp.bfloat16)  # XLA's pass was as fast below
     assert not uses_the_kernel((1024, 512), jnp.float32)  # and in float32 training
-    assert uses_the_kernel((1024, 512), jnp.float32, training=False)  # but not in eval mode (one pass, not two)
-    assert not uses_the_kernel((1023, 512), jnp.float32, training=False)
+    assert uses_the_kernel((512, 512), jnp.float32, training=False)  # but not in eval mode (one pass, not two)
+    assert not uses_the_kernel((511, 512), jnp.float32, training=False)
 
 
 @pytest.mark.skipif(not ON_THE_CPU, reason="the kernels run on the CPU only")
