@@ -331,7 +331,7 @@ def test_the_backward_kernel_takes_batch_norm_from_512k_elements_in_bfloat16_and
     assert uses_the_kernel((1024, 512), jnp.bfloat16)
     assert not uses_the_kernel((1023, 512), jnp.bfloat16)  # XLA's pass was as fast below
     assert not uses_the_kernel((1024, 512), jnp.float32)  # and in float32 training
-    assert uses_the_kernel((512, 512), jnp.float32, training=False)  # but not in eval mode (one pass, not two)
+    assert uses_the_kernel((512, 512), jnp.float32, training=False)  # eval mode: both dtypes, from 256K
     assert not uses_the_kernel((511, 512), jnp.float32, training=False)
 
 
