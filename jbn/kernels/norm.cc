@@ -744,48 +744,26 @@ void Totals(const Dims& d, const Tasks& tasks, const std::vector<double>& partia
 }
 
 // The backward pass's per-channel sums of dy and dy * xhat (see kFloatBlock) for one chunk of C channels (see
-// kRegisterChannels) over `count` rows `stride` apart.
-template <int64_t C, typename T, typename U>
-void SumGradientChunk(const T* rows, const U* grads, int64_t count, int64_t stride, const float* h, const float* l,
-                      const float* r, double* sum_dy, double* sum_dyx) {
-  float hc[C], lc[C], rc[C];
-  for (int64_t j = 0; j < C; ++j) hc[j] = h[j], lc[j] = l[j], rc[j] = r[j];
-  double total_dy[C] = {}, total_dyx[C] = {};
-  for (int64_t first = 0; first < count; first += kFloatBlock) {
-    float block_dy[C] = {}, block_dyx[C] = {};
-    for (int64_t s = first; s < std::min(count, first + kFloatBlock); ++s) {
-#pragma omp simd
-      for (int64_t j = 0; j < C; ++j) {
-        const float gr = Load(grads + s * stride, j);
-        block_dy[j] += gr;
-        block_dyx[j] += gr * ((Load(rows + s * stride, j) - hc[j] - lc[j]) * rc[j]);
-      }
-    }
-    for (int64_t j = 0; j < C; ++j) total_dy[j] += block_dy[j], total_dyx[j] += block_dyx[j];
-  }
-  for (int64_t j = 0; j < C; ++j) sum_dy[j] += total_dy[j], sum_dyx[j] += total_dyx[j];
-}
-
-// The same sums with frozen statistics (batch norm in eval mode, channels last), and dx = scale dy / std of the
-// same rows in the same pass (GradientOf with a = b = 0, as the two-pass path writes it).
-template <int64_t C, typename T, typename U>
-void FrozenGradientChunk(const T* rows, const U* grads, T* results, int64_t count, int64_t stride, const float* h,
-                         const float* l, const float* r, const float* scale, double* sum_dy, double* sum_dyx) {
+// kRegisterChannels) over `count` rows `stride` apart. With frozen statistics (kWritesDx: batch norm in eval mode)
+// dx = scale dy / std needs no sums, so the same pass writes it to `results` (GradientOf with a = b = 0, the value
+// the two-pass path writes).
+template <int64_t C, bool kWritesDx, typename T, typename U>
+void SumGradientChunk(const T* rows, const U* grads, T* results, int64_t count, int64_t stride, const float* h,
+                      const float* l, const float* r, const float* scale, double* sum_dy, double* sum_dyx) {
   float hc[C], lc[C], rc[C], sc[C];
-  for (int64_t j = 0; j < C; ++j) hc[j] = h[j], lc[j] = l[j], rc[j] = r[j], sc[j] = scale[j];
+  for (int64_t j = 0; j < C; ++j) hc[j] = h[j], lc[j] = l[j], rc[j] = r[j], sc[j] = kWritesDx ? scale[j] : 0.0f;
   double total_dy[C] = {}, total_dyx[C] = {};
   for (int64_t first = 0; first < count; first += kFloatBlock) {
     float block_dy[C] = {}, block_dyx[C] = {};
     for (int64_t s = first; s < std::min(count, first + kFloatBlock); ++s) {
       const T* row = rows + s * stride;
       const U* grad = grads + s * stride;
-      T* result = results + s * stride;
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
         const float v = Load(row, j), gr = Load(grad, j);
         block_dy[j] += gr;
-        block_dyx[j] += gr * ((v - hc[j] - lc[j]) * rc[j]);
-        Store(result, j, GradientOf(v, gr, hc[j], lc[j], rc[j], sc[j], 0.0f, 0.0f));
+        block_dyx[j] += gr * XhatOf(v, hc[j], lc[j], rc[j]);
+        if constexpr (kWritesDx) Store(results + s * stride, j, GradientOf(v, gr, hc[j], lc[j], rc[j], sc[j], 0, 0));
       }
     }
     for (int64_t j = 0; j < C; ++j) total_dy[j] += block_dy[j], total_dyx[j] += block_dyx[j];
@@ -867,11 +845,11 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
     if (stream) StreamFence();
   };
   // One task per example: dx right after the example's sums, while it is in cache. Frozen statistics need no
-  // sums for dx: channels last, dx comes in the sums' pass (one_pass: on 64x32x32x64, eval-mode training steps
-  // took 0.80-0.84x the time of a second pass over each slice in bfloat16, 0.62-0.68x in float32, where that pass
-  // streamed dx around the cache); per group, every slice's dx follows its own sums.
+  // sums for dx, so each task writes its own: per channel in the sums' pass (SumGradientChunk: on 64x32x32x64,
+  // eval-mode training steps took 0.80-0.84x the time of a second pass over each slice in bfloat16, 0.62-0.68x in
+  // float32, where that pass streamed dx around the cache), per group right after its sums.
   const bool whole = tasks.per_example == 1;
-  const bool one_pass = frozen && !affine.per_group();
+  const bool dx_in_task = whole || frozen, dx_in_sums = frozen && !affine.per_group();
   Parallel::For(pool, tasks.count, [&](int64_t t, int64_t next) {
     const Slice slice = SliceOf(d, tasks, t);
     double* sum_g = partial.data() + t * stride;
@@ -898,18 +876,13 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
           sum_dyx[g] += dyx_sum;
         }
       }
-    } else if (one_pass) {
-      const int64_t first = (slice.n * d.s + slice.begin) * C;
-      ForChannelChunks(C, [&](auto width, int64_t c0) {
-        FrozenGradientChunk<decltype(width)::value>(x + first + c0, dy + first + c0, dx + first + c0,
-                                                    slice.end - slice.begin, C, h + c0, l + c0, r + c0,
-                                                    affine.scale + c0, sum_dy + c0, sum_dyx + c0);
-      });
     } else {
       const int64_t first = (slice.n * d.s + slice.begin) * C;
       ForChannelChunks(C, [&](auto width, int64_t c0) {
-        SumGradientChunk<decltype(width)::value>(x + first + c0, dy + first + c0, slice.end - slice.begin, C, h + c0,
-                                                 l + c0, r + c0, sum_dy + c0, sum_dyx + c0);
+        constexpr int64_t W = decltype(width)::value;
+        const auto chunk = dx_in_sums ? SumGradientChunk<W, true, T, U> : SumGradientChunk<W, false, T, U>;
+        chunk(x + first + c0, dy + first + c0, dx + first + c0, slice.end - slice.begin, C, h + c0, l + c0, r + c0,
+              affine.scale + c0, sum_dy + c0, sum_dyx + c0);
       });
     }
     const int64_t group_entries = affine.per_group() ? 1 : d.k;  // scale entries per group
@@ -919,11 +892,11 @@ void PlanesBackward(ffi::ThreadPool& pool, const Dims& d, const T* x, const floa
         sum_gx[g] += affine.scale[p] * sum_dyx[p];
       }
     }
-    if (whole && !frozen) coefficients(slice.n);
-    if ((whole || frozen) && !one_pass) slice_dx(slice, whole ? next : -1);
+    if (!frozen && whole) coefficients(slice.n);  // frozen: a = b = 0
+    if (dx_in_task && !dx_in_sums) slice_dx(slice, whole ? next : -1);
   });
   Totals(d, tasks, partial, stride, params, dscale, dbias);
-  if (whole || frozen) return;
+  if (dx_in_task) return;
   for (int64_t n = 0; n < d.n; ++n) coefficients(n);
   Parallel::For(pool, tasks.count, [&](int64_t t, int64_t) { slice_dx(SliceOf(d, tasks, t), -1); });
 }
