@@ -304,17 +304,11 @@ def batch_tangent(x, scale, shift, offset, multiplier, present, view):
     Reverse mode runs the backward kernel: dx, dscale and dbias, the running statistics' part of dx included, in
     one pass after the sums.
     """
-    n, s, g, k = view
-    mean = jnp.stack([shift.reshape(n, g), offset.reshape(n, g)], axis=-1)
-    std = 1 / multiplier.reshape(n, g)
-    per_feature = jax.ShapeDtypeStruct((g,), jnp.float32)
-    specs = {"x": x, "scale": per_feature, "bias": per_feature}
     tangents = [
-        present[name].reshape(spec.shape).astype(spec.dtype) if name in present else jnp.zeros(spec.shape, spec.dtype)
-        for name, spec in specs.items()
+        present[name] if name in present else jnp.zeros_like(like)
+        for name, like in (("x", x), ("scale", multiplier), ("bias", multiplier))
     ]
-    entries = _entries(None if scale is None else scale.reshape(g), 1.0, (g,))
-    dy, dmean, dvar = tangent_p.bind(x, mean, std, entries, *tangents, centered=True, frozen=False, n=n, s=s, g=g, k=k)
+    dy, dmean, dvar = _view_tangent(x, shift, offset, multiplier, scale, *tangents, view, frozen=False)
     return dy, dmean.reshape(shift.shape), dvar.reshape(shift.shape)
 
 
@@ -347,15 +341,23 @@ def frozen_tangent(x, mean, inv, scale, dx, slope, intercept, view):
     """``scale * inv * dx + slope * (x - mean) * inv + intercept`` in x's dtype by ``tangent`` with frozen
     statistics (`view` from `frozen_view`; the others at x's rank, dx of x's shape): reverse mode is one pass of
     the backward kernel."""
+    return _view_tangent(x, mean, jnp.zeros_like(mean), inv, scale, dx, slope, intercept, view, frozen=True)[0]
+
+
+def _view_tangent(x, shift, offset, multiplier, scale, dx, dscale, dbias, view, *, frozen):
+    """``tangent`` on batch norm's view `(1, S, G, K)`: the per-feature values (at x's rank, or scale None) as the
+    kernels take them, float32 with one entry per G."""
     n, s, g, k = view
-    mean = jnp.stack([mean.reshape(n, g), jnp.zeros((n, g))], axis=-1).astype(jnp.float32)
-    per_feature = [jnp.broadcast_to(v, inv.shape).reshape(g).astype(jnp.float32) for v in (scale, slope, intercept)]
-    std = (1 / inv).reshape(n, g).astype(jnp.float32)
-    entries, dscale, dbias = per_feature
-    dy, _, _ = tangent_p.bind(
-        x, mean, std, entries, dx.astype(x.dtype), dscale, dbias, centered=True, frozen=True, n=n, s=s, g=g, k=k
+
+    def per_group(value):
+        return jnp.broadcast_to(value, multiplier.shape).reshape(n, g).astype(jnp.float32)
+
+    mean = jnp.stack([per_group(shift), per_group(offset)], axis=-1)
+    std = 1 / per_group(multiplier)
+    entries = [per_group(v).reshape(g) for v in (1.0 if scale is None else scale, dscale, dbias)]
+    return tangent_p.bind(
+        x, mean, std, entries[0], dx.astype(x.dtype), *entries[1:], centered=True, frozen=frozen, n=n, s=s, g=g, k=k
     )
-    return dy
 
 
 def _dims(view):
