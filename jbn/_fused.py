@@ -292,10 +292,7 @@ def tangent_view(options, x, scale, mask, present) -> tuple[int, int, int, int] 
         return None
     if x.dtype not in TRAINING_BACKWARD_DTYPES or x.size < BATCH_BACKWARD_ELEMENTS or not _on_the_cpu(x, scale):
         return None
-    runs = _runs(x.ndim, set(options.axes), set())
-    if runs is None or runs[0] != 0 or runs[1] == 0 or not _kernel.enabled():
-        return None
-    return _view_of(x, runs)
+    return _batch_view(x, set(options.axes))
 
 
 def batch_tangent(x, scale, shift, offset, multiplier, present, view):
@@ -325,13 +322,15 @@ def frozen_view(x, feature_axes, dtype, *terms) -> tuple[int, int, int, int] | N
         return None
     if not _on_the_cpu(x, *given):
         return None
-    runs = _runs(x.ndim, set(range(x.ndim)) - set(feature_axes), set())
+    return _batch_view(x, set(range(x.ndim)) - set(feature_axes))
+
+
+def _batch_view(x, reduced) -> tuple[int, int, int, int] | None:
+    """``(1, S, G, K)`` for statistics across examples: the `reduced` axes a leading run (S, not empty) and a
+    trailing one (K, possibly empty) around the kept ones (G); None where they are not, or the kernels are off."""
+    runs = _runs(x.ndim, reduced, set())
     if runs is None or runs[0] != 0 or runs[1] == 0 or not _kernel.enabled():
         return None
-    return _view_of(x, runs)
-
-
-def _view_of(x, runs):
     _, g_from, k_from = runs
     sizes = ((0, g_from), (g_from, k_from), (k_from, x.ndim))
     return (1, *(int(np.prod(x.shape[a:b], dtype=np.int64)) for a, b in sizes))

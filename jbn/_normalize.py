@@ -23,7 +23,7 @@ def normalize(x, mean, var, scale=None, bias=None, *, epsilon, dtype=None, offse
     multiplier = standardizing_multiplier(var, epsilon=epsilon, input_scale=input_scale)
     if scale is not None:
         multiplier = multiplier * scale.astype(compute)
-    shifts = _unscaled(mean, offset, input_scale)
+    shifts = unscaled(mean, offset, input_scale)
     bias = None if bias is None else bias.astype(compute)
     terms = (*shifts, multiplier, bias)
     view = _fused.affine_view(x, dtype, terms)
@@ -41,11 +41,11 @@ def centered(x, mean, *, offset=None, input_scale=None, spelled_apart=False) -> 
     `spelled_apart` computes ``(x + (-mean / s)) + (-offset / s)``, the same value bit for bit, for a second use
     of the same centering that XLA must not merge with the first (it would write the shared array to memory).
     """
-    return _subtracted(x, _unscaled(mean, offset, input_scale), spelled_apart=spelled_apart)
+    return _subtracted(x, unscaled(mean, offset, input_scale), spelled_apart=spelled_apart)
 
 
-def _unscaled(mean, offset, input_scale):
-    """``(mean / s, offset / s)``, each None where not given."""
+def unscaled(mean, offset, input_scale):
+    """``(mean / s, offset / s)``, each None where not given: the centering terms in x's own units."""
     if input_scale is None:
         return mean, offset
     # Undo the scale on the per-feature terms (exact: a power of two), not on every element of x.

@@ -29,7 +29,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jbn import _fused
-from jbn._normalize import centered, normalize, standardizing_multiplier
+from jbn._normalize import centered, normalize, standardizing_multiplier, unscaled
 from jbn._stats import Moments, masked_moments, masked_sum, reduction_stages, upcast_apart
 
 
@@ -141,7 +141,7 @@ def _standardize_jvp(options, primals, tangents):
     view = _fused.tangent_view(options, x, scale, mask, present)
     if view is not None:
         multiplier = standardizing_multiplier(residuals.var, epsilon=epsilon, input_scale=residuals.input_scale)
-        shift, offset = (term / residuals.input_scale for term in (residuals.shift, residuals.offset))
+        shift, offset = unscaled(residuals.shift, residuals.offset, residuals.input_scale)
         dy, dmean, dvar = _fused.batch_tangent(x, scale, shift, offset, multiplier, present, view)
         return (y, statistics), (dy, Statistics(dmean, dvar, jnp.zeros_like(statistics.count)))
 

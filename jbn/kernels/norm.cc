@@ -316,8 +316,10 @@ void RowBackward(const T* x, const float* mean, float std, const float* scale, i
       dscale[k] += grad * xhat(k);
       dbias[k] += grad;
     }
-    sum_g = kCentered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
-    sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * xhat(k); });
+    if (!frozen) {  // with frozen statistics dx takes no sums (a = b = 0)
+      sum_g = kCentered ? RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k]; }) : 0.0;
+      sum_gx = RunSum(K, [&](int64_t k) { return Load(dy, k) * scale[k] * xhat(k); });
+    }
   }
   const float a = frozen ? 0.0f : static_cast<float>(sum_g / K - shift[0]);
   const float b = frozen ? 0.0f : static_cast<float>(sum_gx / K - shift[1]);
